@@ -1,0 +1,132 @@
+"""Data: reading a line-per-item file, the vocabulary, (context, next) examples, the split.
+
+Dimension letters: N examples, T block_size (context length).
+
+Index 0 is the boundary token, shown as '.', that starts and ends every item. The characters of
+the data take 1..V-1 in sorted order. The boundary token is not a character of the data, so a
+file whose items contain '.' still works: its '.' simply gets an index of its own.
+"""
+
+from __future__ import annotations
+
+import random
+from dataclasses import dataclass
+from importlib import resources
+from pathlib import Path
+
+import torch
+
+from .errors import UserError
+
+BOUNDARY = "."
+SPLIT_FRACTIONS = (0.8, 0.9)  # train | val | test cut points, by item
+
+
+def default_data_path() -> Path:
+    """The bundled names.txt (32,033 US baby names)."""
+    return Path(str(resources.files("backprop_ninja") / "data" / "names.txt"))
+
+
+def read_items(path: str | Path) -> list[str]:
+    """Read a UTF-8 text file with one item per line; blank lines and edge whitespace are dropped."""
+    path = Path(path)
+    if not path.exists():
+        raise UserError(f"input file {path} does not exist; pass an existing file with -i FILE")
+    if not path.is_file():
+        raise UserError(f"input {path} is not a regular file; pass a text file with -i FILE")
+    raw = path.read_bytes()
+    if b"\x00" in raw:
+        raise UserError(f"input file {path} looks binary (it contains NUL bytes); "
+                        "pass a UTF-8 text file with one item per line")
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise UserError(f"input file {path} is not valid UTF-8 (byte {e.start}); "
+                        "re-encode it as UTF-8 with one item per line") from None
+    text = text.removeprefix("\ufeff")
+    items = [line.strip() for line in text.splitlines()]
+    items = [w for w in items if w]
+    if not items:
+        raise UserError(f"input file {path} has no items (it is empty or blank); "
+                        "it needs one item per line")
+    return items
+
+
+@dataclass(frozen=True)
+class Vocab:
+    """The characters of the data; index i+1 is chars[i], index 0 is the boundary token."""
+
+    chars: tuple[str, ...]
+
+    @classmethod
+    def from_items(cls, items: list[str]) -> "Vocab":
+        return cls(tuple(sorted(set("".join(items)))))
+
+    @property
+    def size(self) -> int:
+        return len(self.chars) + 1
+
+    def stoi(self) -> dict[str, int]:
+        return {ch: i + 1 for i, ch in enumerate(self.chars)}
+
+    def encode(self, item: str) -> list[int]:
+        table = self.stoi()
+        try:
+            return [table[ch] for ch in item]
+        except KeyError as e:
+            raise UserError(f"character {e.args[0]!r} is not in the vocabulary; "
+                            "use the same data file the model was trained on") from None
+
+    def decode(self, indices) -> str:
+        return "".join(self.chars[i - 1] if i > 0 else BOUNDARY for i in indices)
+
+
+def build_examples(items: list[str], vocab: Vocab, block_size: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """All (context, next) pairs: X is N x T (int64), Y is N (int64)."""
+    xs: list[list[int]] = []
+    ys: list[int] = []
+    for item in items:
+        context = [0] * block_size
+        for ix in vocab.encode(item) + [0]:
+            xs.append(context)
+            ys.append(ix)
+            context = context[1:] + [ix]
+    X = torch.tensor(xs, dtype=torch.long).view(len(xs), block_size)
+    Y = torch.tensor(ys, dtype=torch.long)
+    return X, Y
+
+
+def split_items(items: list[str], seed: int) -> tuple[list[str], list[str], list[str]]:
+    """Shuffle a copy with Python's random.seed(seed) and cut 80/10/10 by item (the lecture's split)."""
+    shuffled = list(items)
+    random.Random(seed).shuffle(shuffled)
+    n1 = int(SPLIT_FRACTIONS[0] * len(shuffled))
+    n2 = int(SPLIT_FRACTIONS[1] * len(shuffled))
+    parts = shuffled[:n1], shuffled[n1:n2], shuffled[n2:]
+    for name, part in zip(("train", "val", "test"), parts):
+        if not part:
+            raise UserError(f"the 80/10/10 split of {len(items)} items leaves the {name} part empty; "
+                            "the input file needs at least 10 items")
+    return parts
+
+
+@dataclass
+class Dataset:
+    """A vocabulary and the train/val/test examples of one file."""
+
+    vocab: Vocab
+    block_size: int
+    items: list[str]
+    splits: dict[str, tuple[torch.Tensor, torch.Tensor]]
+
+    @classmethod
+    def load(cls, path: str | Path, block_size: int = 3, seed: int = 42,
+             vocab: Vocab | None = None) -> "Dataset":
+        if block_size < 1:
+            raise UserError(f"--block-size must be at least 1, got {block_size}")
+        items = read_items(path)
+        vocab = vocab or Vocab.from_items(items)
+        train, val, test = split_items(items, seed)
+        splits = {name: build_examples(part, vocab, block_size)
+                  for name, part in (("train", train), ("val", val), ("test", test))}
+        return cls(vocab, block_size, items, splits)

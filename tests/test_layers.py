@@ -1,0 +1,96 @@
+"""Every layer against autograd (through an independent reference forward) and float64 finite
+differences, with random upstream gradients, several batch sizes and widths (vocabularies)."""
+
+import inspect
+
+import pytest
+import torch
+from hypothesis import given, settings, strategies as st
+
+from backprop_ninja import layers as L
+from backprop_ninja.registry import REGISTRY, check_layer
+
+CASES = [(n, width) for n in (4, 7, 32) for width in (3, 27)]
+
+
+def test_every_layer_has_a_check():
+    pairs = {name[: -len("_forward")] for name, _ in inspect.getmembers(L, inspect.isfunction)
+             if name.endswith("_forward")}
+    assert pairs, "no layers found"
+    assert pairs == set(REGISTRY), f"layers without a registry entry: {pairs - set(REGISTRY)}"
+    for name in pairs:
+        assert hasattr(L, f"{name}_backward"), f"{name} has no backward"
+
+
+@pytest.mark.parametrize("name", sorted(REGISTRY))
+@pytest.mark.parametrize("n,width", CASES)
+def test_layer_float64(name, n, width):
+    spec = REGISTRY[name]
+    chk = check_layer(spec, seed=1000 * n + width, n=n, width=width)
+    # the forward is the reference function
+    assert chk.out.shape == chk.reference_out.shape
+    torch.testing.assert_close(chk.out, chk.reference_out, rtol=1e-12, atol=1e-12)
+    assert set(chk.manual) == set(spec.grad_inputs)
+    for k, g in chk.manual.items():
+        ref = chk.autograd[k]
+        assert g.shape == ref.shape, f"{name}.{k}: shape {tuple(g.shape)} != {tuple(ref.shape)}"
+        assert g.dtype == ref.dtype
+        torch.testing.assert_close(g, ref, rtol=1e-10, atol=1e-12)
+        assert ref.abs().max() > 1e-6, "the check must not be driven to a ~zero gradient"
+    for k, err in chk.relative_errors().items():
+        assert err <= 1e-6, f"{name}.{k}: finite-difference relative error {err:.2e}"
+
+
+@pytest.mark.parametrize("name", sorted(REGISTRY))
+def test_layer_float32_matches_autograd(name):
+    chk = check_layer(REGISTRY[name], seed=7, n=32, width=27, dtype=torch.float32)
+    for k, g in chk.manual.items():
+        assert g.dtype == torch.float32
+        assert g.shape == chk.autograd[k].shape
+        assert (g - chk.autograd[k]).abs().max().item() <= 1e-5
+
+
+@settings(max_examples=25, deadline=None)
+@given(n=st.integers(2, 16), V=st.integers(2, 30), seed=st.integers(0, 2**31 - 1))
+def test_dlogits_rows_sum_to_zero(n, V, seed):
+    g = torch.Generator().manual_seed(seed)
+    logits = torch.randn(n, V, generator=g, dtype=torch.float64) * 3
+    targets = torch.randint(0, V, (n,), generator=g)
+    _, cache = L.cross_entropy_forward(logits, targets)
+    (dlogits,) = L.cross_entropy_backward(1.0, cache)
+    torch.testing.assert_close(dlogits.sum(1), torch.zeros(n, dtype=torch.float64), atol=1e-12, rtol=0)
+    # the correct class is pulled up (negative gradient), every other one pushed down
+    picked = dlogits[torch.arange(n), targets]
+    assert (picked < 0).all()
+    assert (dlogits >= 0).sum() == n * (V - 1)
+
+
+@settings(max_examples=25, deadline=None)
+@given(n=st.integers(2, 16), H=st.integers(1, 8), seed=st.integers(0, 2**31 - 1))
+def test_batchnorm_dx_sums_to_zero_over_the_batch(n, H, seed):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(n, H, generator=g, dtype=torch.float64) * 2 + 1
+    gain = torch.randn(1, H, generator=g, dtype=torch.float64) * 0.1 + 1
+    out, cache = L.batchnorm_forward(x, gain, torch.zeros(1, H, dtype=torch.float64))
+    dx, _, _ = L.batchnorm_backward(torch.randn(n, H, generator=g, dtype=torch.float64), cache)
+    # the output does not change when a constant is added to a column: dx is orthogonal to it
+    torch.testing.assert_close(dx.sum(0), torch.zeros(H, dtype=torch.float64), atol=1e-10, rtol=0)
+
+
+@settings(max_examples=25, deadline=None)
+@given(n=st.integers(1, 20), V=st.integers(1, 10), seed=st.integers(0, 2**31 - 1))
+def test_embedding_backward_equals_the_lecture_loop(n, V, seed):
+    from backprop_ninja.atomic import embedding_grad_loop
+    g = torch.Generator().manual_seed(seed)
+    C = torch.randn(V, 4, generator=g, dtype=torch.float64)
+    ix = torch.randint(0, V, (n, 3), generator=g)
+    demb = torch.randn(n, 3, 4, generator=g, dtype=torch.float64)
+    (dC,) = L.embedding_backward(demb, L.EmbeddingCache(ix, V))
+    torch.testing.assert_close(dC, embedding_grad_loop(demb, ix, C), rtol=1e-12, atol=1e-12)
+
+
+def test_batch_of_one_is_rejected():
+    from backprop_ninja.errors import UserError
+    x = torch.randn(1, 4)
+    with pytest.raises(UserError, match="at least 2"):
+        L.batchnorm_forward(x, torch.ones(1, 4), torch.zeros(1, 4))
