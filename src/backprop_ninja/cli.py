@@ -46,7 +46,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-size", type=int, default=32, help="batch size (lecture: 32)")
     p.add_argument("--json", action="store_true", help="print the tables as one JSON object")
     p.set_defaults(func=cmd_check)
+
+    for module in _command_modules():
+        module.register(sub)
     return parser
+
+
+def _command_modules():
+    """Modules that add their own subcommands with ``register(subparsers)``."""
+    return []
 
 
 def main(argv: list[str] | None = None) -> int:
