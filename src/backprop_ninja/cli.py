@@ -54,7 +54,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 def _command_modules():
     """Modules that add their own subcommands with ``register(subparsers)``."""
-    return []
+    from . import learn_cli, train_cli
+    return [train_cli, learn_cli]
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -69,8 +69,8 @@ class Vocab:
     def stoi(self) -> dict[str, int]:
         return {ch: i + 1 for i, ch in enumerate(self.chars)}
 
-    def encode(self, item: str) -> list[int]:
-        table = self.stoi()
+    def encode(self, item: str, table: dict[str, int] | None = None) -> list[int]:
+        table = table or self.stoi()
         try:
             return [table[ch] for ch in item]
         except KeyError as e:
@@ -85,9 +85,10 @@ def build_examples(items: list[str], vocab: Vocab, block_size: int) -> tuple[tor
     """All (context, next) pairs: X is N x T (int64), Y is N (int64)."""
     xs: list[list[int]] = []
     ys: list[int] = []
+    table = vocab.stoi()
     for item in items:
         context = [0] * block_size
-        for ix in vocab.encode(item) + [0]:
+        for ix in vocab.encode(item, table) + [0]:
             xs.append(context)
             ys.append(ix)
             context = context[1:] + [ix]

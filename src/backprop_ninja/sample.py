@@ -1,0 +1,51 @@
+"""Sampling: many items at once, one batched forward pass per character position.
+
+Every item starts from an all-boundary context; at each position the whole batch draws its next
+index from softmax(logits / temperature) (optionally restricted to the top k), and an item ends
+at the boundary token. Items still running at ``max_len`` are cut there.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from . import model as M
+from .errors import UserError
+from .layers import BatchNormStats
+
+
+@torch.no_grad()
+def sample_indices(params: M.Params, bn_stats: BatchNormStats, block_size: int, num: int,
+                   generator: torch.Generator, max_len: int, temperature: float = 1.0,
+                   top_k: int | None = None) -> list[list[int]]:
+    """``num`` items as lists of vocabulary indices, without the closing boundary token."""
+    if temperature <= 0:
+        raise UserError(f"--temperature must be positive, got {temperature}")
+    V = params["C"].shape[0]
+    if top_k is not None and not 1 <= top_k <= V:
+        raise UserError(f"--top-k must be between 1 and the vocabulary size {V}, got {top_k}")
+    device = params["C"].device
+    context = torch.zeros(num, block_size, dtype=torch.long, device=device)
+    out = torch.zeros(num, max_len, dtype=torch.long, device=device)
+    running = torch.ones(num, dtype=torch.bool, device=device)
+    length = torch.full((num,), max_len, dtype=torch.long, device=device)
+    for t in range(max_len):
+        logits = M.forward(params, context, bn_stats=bn_stats).logits / temperature
+        probs = torch.softmax(restrict_top_k(logits, top_k), dim=1)
+        ix = torch.multinomial(probs, 1, generator=generator).view(-1)
+        ended = running & (ix == 0)
+        length[ended] = t
+        running &= ~ended
+        out[:, t] = ix * running
+        context = torch.cat([context[:, 1:], ix.view(-1, 1)], dim=1)
+        if not running.any():
+            break
+    return [row[:n].tolist() for row, n in zip(out.cpu(), length.cpu().tolist())]
+
+
+def restrict_top_k(logits: Tensor, top_k: int | None) -> Tensor:
+    if top_k is None or top_k >= logits.shape[1]:
+        return logits
+    kth = torch.topk(logits, top_k, dim=1).values[:, -1:]
+    return logits.masked_fill(logits < kth, float("-inf"))

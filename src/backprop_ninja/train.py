@@ -1,0 +1,376 @@
+"""Exercise 4 as a trainer: SGD with hand-written gradients, checkpoints that resume exactly.
+
+The batch of step i is drawn from one seeded generator, the one that initialised the model (as in
+the lecture); its state is part of every checkpoint, so a run cut into pieces with --resume gives
+bit-for-bit the parameters of the same run made straight.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import signal
+import sys
+import time
+from dataclasses import asdict, dataclass, field, replace
+from pathlib import Path
+from typing import Callable
+
+import torch
+from tqdm import tqdm
+
+from . import model as M
+from . import workdir as W
+from .atomic import model_autograd_grads
+from .data import Dataset, default_data_path
+from .errors import UserError
+from .layers import check_batch_size
+from .steps import STEPS
+
+FLUSH_EVERY = 100  # steps between fetches of the loss (one device sync per fetch)
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """What defines a run's trajectory; all but ``steps`` must match when it is resumed."""
+
+    steps: int = 200_000
+    batch_size: int = 32
+    lr: float = 0.1
+    lr_decay_step: int = 100_000
+    lr_decay_to: float = 0.01
+    seed: int = M.LECTURE_SEED
+
+    def lr_at(self, step: int) -> float:
+        return self.lr if step < self.lr_decay_step else self.lr_decay_to
+
+    def validate(self) -> None:
+        check_batch_size(self.batch_size)
+        if self.steps < 0:
+            raise UserError(f"--steps must be 0 or more, got {self.steps}")
+        for name in ("lr", "lr_decay_to"):
+            value = getattr(self, name)
+            if not (math.isfinite(value) and value > 0):
+                raise UserError(f"--{name.replace('_', '-')} must be a positive number, got {value}")
+
+
+@dataclass
+class Options:
+    """How to run: free to change between a run and its resume."""
+
+    grad: str = "fast"
+    device: str = "cpu"
+    eval_every: int = 10_000
+    checkpoint_every: int = 10_000
+    diag_every: int = 1000
+    check_grads: int = 0
+    progress: bool = True
+    log: Callable[[str], None] = field(default=print)
+
+
+@dataclass
+class RunState:
+    workdir: Path
+    config: dict
+    tcfg: TrainConfig
+    cfg: M.ModelConfig
+    data: Dataset
+    params: M.Params
+    generator: torch.Generator
+    step: int
+    metrics: list[dict]
+
+
+class Diverged(UserError):
+    pass
+
+
+# ---------------------------------------------------------------------------------------------
+# starting and resuming
+
+def start_run(workdir: Path, input_path: str | None, cfg_flags: dict, tcfg: TrainConfig,
+              split_seed: int, device: str) -> RunState:
+    if (workdir / W.CHECKPOINT).exists():
+        step = checkpoint_step(workdir)
+        raise UserError(f"{workdir} already holds a run (at step {step}); continue it with "
+                        "--resume, or train into another -o WORKDIR")
+    tcfg.validate()
+    path = Path(input_path).resolve() if input_path else None
+    data = Dataset.load(path or default_data_path(), block_size=cfg_flags["block_size"], seed=split_seed)
+    cfg = M.ModelConfig(vocab_size=data.vocab.size, **cfg_flags)
+    if cfg.n_embd < 1 or cfg.n_hidden < 1:
+        raise UserError("--n-embd and --n-hidden must be at least 1")
+    g = torch.Generator(device=device).manual_seed(tcfg.seed)
+    params = M.init_params(cfg, generator=torch.Generator().manual_seed(tcfg.seed), device=device)
+    config = make_config(cfg, tcfg, data, path, split_seed)
+    workdir.mkdir(parents=True, exist_ok=True)
+    W.write_text(workdir / W.CONFIG, json.dumps(config, indent=2, ensure_ascii=False))
+    W.atomic_write(workdir / W.METRICS, lambda tmp: tmp.write_text(""))
+    return RunState(workdir, config, tcfg, cfg, data, params, g, 0, [])
+
+
+def make_config(cfg: M.ModelConfig, tcfg: TrainConfig, data: Dataset, path: Path | None,
+                split_seed: int) -> dict:
+    sizes = {k: int(x.shape[0]) for k, (x, _) in data.splits.items()}
+    return {"format": W.FORMAT, "model": cfg.to_dict(), "train": asdict(tcfg),
+            "data": {"input": str(path) if path else None, "split_seed": split_seed,
+                     "vocab": list(data.vocab.chars), "examples": sizes}}
+
+
+def resume_run(workdir: Path, input_path: str | None, cfg_flags: dict, train_flags: dict,
+               split_seed: int | None, device: str) -> RunState:
+    config = W.read_config(workdir)
+    if not (workdir / W.CHECKPOINT).exists():
+        raise UserError(f"{workdir} has no checkpoint to resume; start the run without --resume")
+    recorded = W.input_path(config)
+    if input_path and Path(input_path).resolve() != recorded.resolve():
+        raise UserError(f"-i {input_path} is not the file this run was trained on ({recorded}); "
+                        "drop -i to resume, or train into a new -o WORKDIR")
+    check_same(config["model"], cfg_flags)
+    check_same(config["train"], {k: v for k, v in train_flags.items() if k != "steps"})
+    check_same(config["data"], {"split_seed": split_seed})
+    tcfg = TrainConfig(**config["train"])
+    if train_flags.get("steps") is not None:
+        tcfg = replace(tcfg, steps=train_flags["steps"])
+    tcfg.validate()
+    data = W.load_data(config)
+    cfg = M.ModelConfig(**config["model"])
+    tensors = W.load_tensors(workdir / W.CHECKPOINT, "start the run without --resume")
+    params = {k: v.to(device) for k, v in W.check_params(tensors, cfg, workdir / W.CHECKPOINT).items()}
+    meta = checkpoint_meta(workdir)
+    if meta.get("device", "cpu") != torch.device(device).type:
+        raise UserError(f"the checkpoint was made on {meta['device']}; resume it with "
+                        f"--device {meta['device']}")
+    g = torch.Generator(device=device)
+    try:
+        g.set_state(tensors["rng_state"])
+    except (KeyError, RuntimeError):
+        raise UserError(f"{workdir / W.CHECKPOINT} has no valid RNG state; train again into a new "
+                        "-o WORKDIR") from None
+    step = int(meta["step"])
+    metrics = W.read_metrics(workdir, before_step=step)
+    if len(metrics) != step:
+        raise UserError(f"{workdir / W.METRICS} is missing steps before the checkpoint's step "
+                        f"{step}; train again into a new -o WORKDIR")
+    config["train"] = asdict(tcfg)
+    W.write_text(workdir / W.CONFIG, json.dumps(config, indent=2, ensure_ascii=False))
+    write_metrics(workdir, metrics)
+    return RunState(workdir, config, tcfg, cfg, data, params, g, step, metrics)
+
+
+def check_same(recorded: dict, flags: dict) -> None:
+    for key, value in flags.items():
+        if value is not None and recorded.get(key) != value:
+            flag = "--" + key.replace("_", "-")
+            raise UserError(f"{flag} {value} differs from the run being resumed ({recorded.get(key)}); "
+                            f"drop {flag} to resume it, or train into a new -o WORKDIR")
+
+
+def checkpoint_meta(workdir: Path) -> dict[str, str]:
+    from safetensors import safe_open
+    try:
+        with safe_open(str(workdir / W.CHECKPOINT), framework="pt") as f:
+            meta = f.metadata() or {}
+        int(meta["step"])
+        return meta
+    except Exception:
+        raise UserError(f"{workdir / W.CHECKPOINT} is corrupted or not a backprop-ninja checkpoint; "
+                        "delete it, or train again into a new -o WORKDIR") from None
+
+
+def checkpoint_step(workdir: Path) -> str:
+    try:
+        return checkpoint_meta(workdir)["step"]
+    except UserError:
+        return "unknown"
+
+
+# ---------------------------------------------------------------------------------------------
+# saving
+
+def save_checkpoint(state: RunState) -> None:
+    tensors = dict(state.params)
+    tensors["rng_state"] = state.generator.get_state()
+    meta = {"step": str(state.step), "device": state.params["W1"].device.type}
+    W.save_tensors(state.workdir / W.CHECKPOINT, tensors, meta)
+
+
+def write_metrics(workdir: Path, rows: list[dict]) -> None:
+    text = "".join(json.dumps(r) + "\n" for r in rows)
+    W.atomic_write(workdir / W.METRICS, lambda tmp: tmp.write_text(text, encoding="utf-8"))
+
+
+def append_metrics(workdir: Path, rows: list[dict]) -> None:
+    with open(workdir / W.METRICS, "a", encoding="utf-8") as f:
+        f.write("".join(json.dumps(r) + "\n" for r in rows))
+
+
+def save_model(state: RunState) -> tuple[float, float]:
+    """Calibrate batchnorm on the whole training set; save the model; return train/val loss."""
+    device = state.params["W1"].device
+    Xtr, Ytr = (t.to(device) for t in state.data.splits["train"])
+    stats = M.calibrate(state.params, Xtr)
+    W.save_tensors(state.workdir / W.MODEL, {**state.params, "bn_mean": stats.mean, "bn_var": stats.var},
+                   {"step": str(state.step)})
+    Xva, Yva = (t.to(device) for t in state.data.splits["val"])
+    return M.evaluate(state.params, Xtr, Ytr, stats), M.evaluate(state.params, Xva, Yva, stats)
+
+
+def write_loss_plot(path: Path, losses: list[float], title: str) -> None:
+    """log10 of the loss averaged over blocks of 1000 steps (fewer for short runs)."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    if not losses:
+        return
+    block = 1000 if len(losses) >= 2000 else max(1, len(losses) // 20)
+    t = torch.tensor(losses[: len(losses) // block * block], dtype=torch.float64).log10()
+    curve = t.view(-1, block).mean(1)
+    fig, ax = plt.subplots(figsize=(8, 4.5))
+    ax.plot((torch.arange(len(curve)) * block + block / 2).tolist(), curve.tolist())
+    ax.set_xlabel("step")
+    ax.set_ylabel(f"log10 loss (mean over {block} steps)")
+    ax.set_title(title)
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    W.atomic_write(path, lambda tmp: fig.savefig(tmp, format="png", dpi=100))
+    plt.close(fig)
+
+
+# ---------------------------------------------------------------------------------------------
+# the loop
+
+class StopFlag:
+    """Ctrl-C asks the loop to stop at the next step boundary; a second Ctrl-C stops at once."""
+
+    def __init__(self):
+        self.requested = False
+        self.previous = None
+
+    def __enter__(self):
+        try:
+            self.previous = signal.signal(signal.SIGINT, self._handle)
+        except ValueError:  # not the main thread: no handler, Ctrl-C behaves as usual
+            self.previous = None
+        return self
+
+    def _handle(self, signum, frame):
+        self.requested = True
+        signal.signal(signal.SIGINT, signal.default_int_handler)
+
+    def __exit__(self, *exc):
+        if self.previous is not None:
+            signal.signal(signal.SIGINT, self.previous)
+
+
+@torch.no_grad()
+def update_to_data(params: M.Params, grads: M.Params, lr: float) -> dict[str, float]:
+    """log10 of std(lr * grad) / std(param) per parameter: the batchnorm lecture's diagnostic."""
+    out = {}
+    for name, p in params.items():
+        ratio = (lr * grads[name]).std() / p.std().clamp_min(1e-12)
+        out[name] = round(float(ratio.clamp_min(1e-30).log10()), 4)
+    return out
+
+
+def verify_grads(grads: M.Params, reference: M.Params, step: int) -> None:
+    for name, ref in reference.items():
+        got = grads[name]
+        if got.shape != ref.shape or not torch.allclose(got, ref, rtol=1e-4, atol=1e-6):
+            diff = (got - ref).abs().max().item() if got.shape == ref.shape else float("nan")
+            raise UserError(f"gradient check failed at step {step}: d{name} differs from autograd "
+                            f"(max abs diff {diff:.3g}); this is a bug, please report it")
+
+
+def run_loop(state: RunState, opts: Options) -> str:
+    """Train from state.step to tcfg.steps; return 'done' or 'interrupted'. Saves as it goes."""
+    tcfg, device = state.tcfg, state.params["W1"].device
+    X, Y = (t.to(device) for t in state.data.splits["train"])
+    stepper = STEPS[opts.grad](state.params, X, Y, tcfg.batch_size)
+    state.params = stepper.params
+    ix = torch.empty(tcfg.batch_size, dtype=torch.long, device=device)
+    Xva, Yva = (t.to(device) for t in state.data.splits["val"])
+    pending: list[torch.Tensor] = []
+    unsaved: list[dict] = []
+    bar = tqdm(total=tcfg.steps, initial=state.step, unit="step", file=sys.stderr, mininterval=0.5,
+               disable=None if opts.progress else True, dynamic_ncols=True)
+    last_good = state.step if (state.workdir / W.CHECKPOINT).exists() else None
+    t0, s0 = time.perf_counter(), state.step
+
+    def flush() -> None:
+        nonlocal pending
+        if not pending:
+            return
+        first = state.step - len(pending)
+        losses = torch.stack(pending).tolist()
+        pending = []
+        for k, loss in enumerate(losses):
+            if not math.isfinite(loss):
+                kept = f"the checkpoint at step {last_good} is kept" if last_good is not None else \
+                    "no checkpoint had been saved yet"
+                raise Diverged(f"the loss became {loss} at step {first + k}; training stopped and "
+                               f"{kept}; lower --lr (or --lr-decay-to) and train again")
+            row = {"step": first + k, "loss": loss, "lr": tcfg.lr_at(first + k)}
+            state.metrics.append(row)
+            unsaved.append(row)
+        bar.update(len(losses))
+        bar.set_postfix(loss=f"{losses[-1]:.4f}", refresh=False)
+
+    def checkpoint() -> None:
+        nonlocal unsaved, last_good
+        flush()
+        append_metrics(state.workdir, unsaved)
+        unsaved = []
+        save_checkpoint(state)
+        last_good = state.step
+
+    try:
+        with StopFlag() as stop, torch.no_grad():  # no graph: the gradients are hand-written
+            while state.step < tcfg.steps and not stop.requested:
+                i = state.step
+                lr = tcfg.lr_at(i)
+                torch.randint(0, X.shape[0], (tcfg.batch_size,), generator=state.generator, out=ix)
+                reference = model_autograd_grads(state.params, X[ix], Y[ix]) if i < opts.check_grads else None
+                pending.append(stepper.step(ix, lr))
+                if reference is not None:
+                    verify_grads(stepper.grads, reference, i)
+                state.step = i + 1
+                if state.step % FLUSH_EVERY == 0:
+                    flush()
+                if opts.diag_every and state.step % opts.diag_every == 0:
+                    flush()
+                    state.metrics[-1]["ud"] = update_to_data(state.params, stepper.grads, lr)
+                if opts.eval_every and state.step % opts.eval_every == 0:
+                    flush()
+                    val = M.evaluate(state.params, Xva, Yva, M.calibrate(state.params, X))
+                    state.metrics[-1]["val_loss"] = val
+                    rate = (state.step - s0) / (time.perf_counter() - t0)
+                    bar.write(f"step {state.step:>7}/{tcfg.steps}  loss {state.metrics[-1]['loss']:.4f}"
+                              f"  val {val:.4f}  lr {lr:g}  {rate:,.0f} steps/s")
+                if opts.checkpoint_every and state.step % opts.checkpoint_every == 0:
+                    checkpoint()
+            checkpoint()
+            return "interrupted" if stop.requested and state.step < tcfg.steps else "done"
+    finally:
+        bar.close()
+
+
+def train(state: RunState, opts: Options) -> str:
+    outcome = run_loop(state, opts)
+    train_loss, val_loss = save_model(state)
+    losses = [r["loss"] for r in state.metrics]
+    write_loss_plot(state.workdir / W.LOSS_PLOT, losses,
+                    f"{state.workdir.name}: n_hidden {state.cfg.n_hidden}, batch {state.tcfg.batch_size}")
+    opts.log(f"step {state.step}: train loss {train_loss:.4f}, val loss {val_loss:.4f} "
+             f"(batchnorm calibrated on the whole training set)")
+    if outcome == "interrupted":
+        opts.log(f"interrupted at step {state.step} of {state.tcfg.steps}; a checkpoint is saved: "
+                 f"continue with `backprop-ninja train -o {state.workdir} --resume`")
+    return outcome
+
+
+def auto_threads(batch_size: int, n_hidden: int) -> int:
+    """One thread for the lecture's tiny tensors (threads cost more than they save), all otherwise."""
+    return 1 if batch_size * n_hidden <= 1 << 16 else (os.cpu_count() or 1)

@@ -1,0 +1,157 @@
+"""The train, eval and sample commands."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+import torch
+
+from . import train as T
+from . import workdir as W
+from .errors import UserError
+
+DEFAULT_WORKDIR = "out"
+MODEL_FLAGS = ("block_size", "n_embd", "n_hidden")
+TRAIN_FLAGS = ("steps", "batch_size", "lr", "lr_decay_step", "lr_decay_to", "seed")
+MODEL_DEFAULTS = {"block_size": 3, "n_embd": 10, "n_hidden": 200}
+SPLIT_SEED = 42
+
+
+def default_device() -> str:
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def resolve_device(name: str | None) -> str:
+    name = name or default_device()
+    if name == "cuda" and not torch.cuda.is_available():
+        raise UserError("--device cuda was asked for but no CUDA GPU is available; use --device cpu")
+    return name
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    device = resolve_device(args.device)
+    workdir = Path(args.out_dir)
+    cfg_flags = {k: getattr(args, k) for k in MODEL_FLAGS}
+    train_flags = {k: getattr(args, k) for k in TRAIN_FLAGS}
+    if args.resume:
+        state = T.resume_run(workdir, args.input, cfg_flags, train_flags, args.split_seed, device)
+    else:
+        tcfg = T.TrainConfig(**{k: v for k, v in train_flags.items() if v is not None})
+        cfg = {k: MODEL_DEFAULTS[k] if v is None else v for k, v in cfg_flags.items()}
+        state = T.start_run(workdir, args.input, cfg, tcfg, args.split_seed or SPLIT_SEED, device)
+    threads = args.num_threads or T.auto_threads(state.tcfg.batch_size, state.cfg.n_hidden)
+    torch.set_num_threads(threads)
+    print(f"training {sum(p.numel() for p in state.params.values()):,} parameters on "
+          f"{len(state.data.items):,} items ({state.data.vocab.size} symbols) from step "
+          f"{state.step} to {state.tcfg.steps}; gradients: {args.grad}; {device}, {threads} thread(s); "
+          f"writing to {workdir}")
+    opts = T.Options(grad=args.grad, device=device, eval_every=args.eval_every,
+                     checkpoint_every=args.checkpoint_every, diag_every=args.diag_every,
+                     check_grads=args.check_grads, progress=not args.no_progress)
+    outcome = T.train(state, opts)
+    if outcome == "interrupted":
+        return 130
+    if args.num_samples:
+        return print_samples(workdir, args.num_samples, seed=None, temperature=1.0, top_k=None,
+                             device=device)
+    return 0
+
+
+def cmd_eval(args: argparse.Namespace) -> int:
+    from . import model as M
+
+    device = resolve_device(args.device)
+    run = W.load_run(args.out_dir, device)
+    result = {}
+    for split in ("train", "val", "test"):
+        X, Y = (t.to(device) for t in run.data.splits[split])
+        result[split] = M.evaluate(run.params, X, Y, run.bn_stats)
+    if args.json:
+        print(json.dumps(result))
+    else:
+        for split, loss in result.items():
+            print(f"{split:5s} loss {loss:.4f}")
+    return 0
+
+
+def cmd_sample(args: argparse.Namespace) -> int:
+    return print_samples(Path(args.out_dir), args.num_samples, args.seed, args.temperature,
+                         args.top_k, resolve_device(args.device))
+
+
+def print_samples(workdir: Path, num: int, seed: int | None, temperature: float,
+                  top_k: int | None, device: str) -> int:
+    from .sample import sample_indices
+
+    if num < 1:
+        raise UserError(f"-n must be at least 1, got {num}")
+    run = W.load_run(workdir, device)
+    items = run.data.items
+    g = torch.Generator(device=device)
+    g.manual_seed(seed) if seed is not None else g.seed()
+    max_len = 2 * max(len(w) for w in items) + 10
+    samples = sample_indices(run.params, run.bn_stats, run.cfg.block_size, num, g, max_len,
+                             temperature, top_k)
+    texts = [run.vocab.decode(s) for s in samples]
+    for text in texts:
+        print(text)
+    known = set(items)
+    new = sum(t not in known for t in texts)
+    print(f"{new} of {num} samples are new (not in the training file)", file=sys.stderr)
+    return 0
+
+
+def register(sub) -> None:
+    p = sub.add_parser("train", help="train with hand-written gradients (the lecture's recipe by default)")
+    p.add_argument("-i", "--input", default=None,
+                   help="UTF-8 text file, one item per line (default: the bundled names.txt)")
+    p.add_argument("-o", "--out-dir", default=DEFAULT_WORKDIR,
+                   help=f"work directory for the model, checkpoint and logs (default: {DEFAULT_WORKDIR})")
+    p.add_argument("--resume", action="store_true",
+                   help="continue the run in --out-dir from its checkpoint up to --steps in total")
+    p.add_argument("--steps", type=int, default=None, help="total SGD steps (default 200000)")
+    p.add_argument("--batch-size", type=int, default=None, help="examples per step (default 32)")
+    p.add_argument("--n-embd", type=int, default=None, help="embedding size per character (default 10)")
+    p.add_argument("--n-hidden", type=int, default=None, help="hidden units (default 200)")
+    p.add_argument("--block-size", type=int, default=None, help="context length (default 3)")
+    p.add_argument("--lr", type=float, default=None, help="learning rate (default 0.1)")
+    p.add_argument("--lr-decay-step", type=int, default=None,
+                   help="step from which --lr-decay-to is used (default 100000)")
+    p.add_argument("--lr-decay-to", type=float, default=None, help="learning rate after the decay step (default 0.01)")
+    p.add_argument("--seed", type=int, default=None,
+                   help="seed of the initialisation and of batch sampling (default 2147483647)")
+    p.add_argument("--split-seed", type=int, default=None, help="seed of the 80/10/10 item split (default 42)")
+    p.add_argument("--eval-every", type=int, default=10_000, help="steps between val-loss measurements (0: never)")
+    p.add_argument("--checkpoint-every", type=int, default=10_000, help="steps between checkpoints (0: only at the end)")
+    p.add_argument("--diag-every", type=int, default=1000,
+                   help="steps between update-to-data ratio records in metrics.jsonl (0: never)")
+    p.add_argument("--check-grads", type=int, default=0, metavar="N",
+                   help="compare the gradients with autograd's during the first N steps")
+    p.add_argument("--grad", choices=("fast", "eager", "autograd"), default="fast",
+                   help="gradient route: fast (default, fused hand-written), eager (layer by layer, "
+                        "hand-written) or autograd (a reference for checking only)")
+    p.add_argument("--num-threads", type=int, default=None,
+                   help="CPU threads (default: 1 for small models, all cores for large ones)")
+    p.add_argument("--device", choices=("cpu", "cuda"), default=None,
+                   help="default: cuda when available, else cpu")
+    p.add_argument("--num-samples", type=int, default=10, help="samples to print after training (0: none)")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.set_defaults(func=cmd_train)
+
+    p = sub.add_parser("eval", help="train/val/test loss of a trained run")
+    p.add_argument("-o", "--out-dir", default=DEFAULT_WORKDIR, help="the run's work directory")
+    p.add_argument("--json", action="store_true", help='print {"train": .., "val": .., "test": ..}')
+    p.add_argument("--device", choices=("cpu", "cuda"), default=None)
+    p.set_defaults(func=cmd_eval)
+
+    p = sub.add_parser("sample", help="generate items from a trained run")
+    p.add_argument("-o", "--out-dir", default=DEFAULT_WORKDIR, help="the run's work directory")
+    p.add_argument("-n", "--num-samples", type=int, default=20, help="how many items (default 20)")
+    p.add_argument("--seed", type=int, default=None, help="sampling seed (default: random)")
+    p.add_argument("--temperature", type=float, default=1.0, help="softmax temperature (default 1)")
+    p.add_argument("--top-k", type=int, default=None, help="sample only from the k likeliest symbols")
+    p.add_argument("--device", choices=("cpu", "cuda"), default=None)
+    p.set_defaults(func=cmd_sample)

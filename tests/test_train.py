@@ -1,0 +1,260 @@
+"""The trainer: no graph, agreement with eager and autograd, exact resume, files, bad input."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from backprop_ninja import model as M
+from backprop_ninja.atomic import model_autograd_grads
+from backprop_ninja.cli import main
+from backprop_ninja.steps import STEPS, AutogradStep, EagerStep, FastStep
+
+SMALL = ["--n-hidden", "32", "--no-progress", "--num-samples", "0"]
+
+
+def train(tmp_path: Path, name: str, *args: str) -> tuple[int, Path]:
+    out = tmp_path / name
+    return main(["train", "-o", str(out), *SMALL, *args]), out
+
+
+def lecture_setup(names, n_hidden=200, dtype=torch.float32):
+    X, Y = names.splits["train"]
+    cfg = M.ModelConfig(names.vocab.size, 3, 10, n_hidden)
+    return M.init_params(cfg, dtype=dtype), X, Y
+
+
+def batches(N, count, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return [torch.randint(0, N, (32,), generator=g) for _ in range(count)]
+
+
+# --- the steps -------------------------------------------------------------------------------
+
+class GraphBuilt(AssertionError):
+    pass
+
+
+def run_without_graph(step_fn):
+    """Run step_fn with autograd on, failing if autograd saves a tensor or backward is called."""
+    def pack(t):
+        raise GraphBuilt("autograd saved a tensor for backward: a graph is being built")
+
+    real_backward = torch.autograd.backward
+
+    def no_backward(*a, **k):
+        raise GraphBuilt("torch.autograd.backward was called")
+
+    torch.autograd.backward = no_backward
+    try:
+        with torch.enable_grad(), torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            return step_fn()
+    finally:
+        torch.autograd.backward = real_backward
+
+
+@pytest.mark.parametrize("name", ["fast", "eager", "lecture"])
+def test_no_autograd_graph_in_a_step(names, name):
+    params, X, Y = lecture_setup(names)
+    step = STEPS[name](params, X, Y, 32)
+    for ix in batches(X.shape[0], 3):
+        loss = run_without_graph(lambda: step.step(ix, 0.1))
+        assert loss.grad_fn is None and not loss.requires_grad
+    assert all(not p.requires_grad for p in step.params.values())
+
+
+def test_the_graph_detector_catches_autograd(names):
+    params, X, Y = lecture_setup(names)
+    step = AutogradStep(params, X, Y, 32)
+    with pytest.raises(GraphBuilt):
+        run_without_graph(lambda: step.step(batches(X.shape[0], 1)[0], 0.1))
+
+
+def test_fast_step_gradients_float64_against_autograd(names):
+    params, X, Y = lecture_setup(names, n_hidden=16, dtype=torch.float64)
+    step = FastStep(params, X, Y, 32)
+    for ix in batches(X.shape[0], 3):
+        loss = step.forward_backward(ix)
+        ref = model_autograd_grads(step.params, X[ix], Y[ix])
+        assert loss.item() == pytest.approx(M.forward(step.params, X[ix], Y[ix]).loss.item(), rel=1e-12)
+        for k in M.PARAM_NAMES:
+            assert step.grads[k].shape == ref[k].shape
+            torch.testing.assert_close(step.grads[k], ref[k], rtol=1e-9, atol=1e-13)
+        step.flat.add_(step.flat_grad, alpha=-0.1)
+
+
+def test_fast_equals_eager_over_many_steps(names):
+    params, X, Y = lecture_setup(names)
+    fast, eager = FastStep(params, X, Y, 32), EagerStep(params, X, Y, 32)
+    for i, ix in enumerate(batches(X.shape[0], 300)):
+        a, b = fast.step(ix, 0.1), eager.step(ix, 0.1)
+        assert a.item() == pytest.approx(b.item(), rel=1e-4, abs=1e-5), i
+    for k in M.PARAM_NAMES:
+        torch.testing.assert_close(fast.params[k], eager.params[k], rtol=1e-4, atol=1e-4)
+
+
+def test_hand_written_and_autograd_runs_agree_for_1000_steps(names):
+    """The lecture's recipe, gradients by hand vs by loss.backward(): same losses to float noise."""
+    params, X, Y = lecture_setup(names)
+    fast, ref = FastStep(params, X, Y, 32), AutogradStep(params, X, Y, 32)
+    worst = 0.0
+    for ix in batches(X.shape[0], 1000, seed=1):
+        a, b = fast.step(ix, 0.1).item(), ref.step(ix, 0.1).item()
+        worst = max(worst, abs(a - b))
+    assert worst < 1e-3, worst
+    for k in M.PARAM_NAMES:
+        torch.testing.assert_close(fast.params[k], ref.params[k].detach(), rtol=1e-3, atol=1e-3)
+
+
+# --- whole runs ------------------------------------------------------------------------------
+
+def test_check_grads_during_training_and_files(tmp_path, capsys):
+    rc, out = train(tmp_path, "run", "--steps", "250", "--check-grads", "20", "--eval-every", "100",
+                    "--diag-every", "50", "--checkpoint-every", "100")
+    assert rc == 0
+    config = json.loads((out / "config.json").read_text())
+    assert config["model"] == {"vocab_size": 27, "block_size": 3, "n_embd": 10, "n_hidden": 32}
+    assert config["train"]["steps"] == 250 and config["data"]["split_seed"] == 42
+    assert config["data"]["input"] is None and len(config["data"]["vocab"]) == 26
+    model = load_file(str(out / "model.safetensors"))
+    assert set(model) == set(M.PARAM_NAMES) | {"bn_mean", "bn_var"}
+    assert model["bn_mean"].shape == (1, 32) and (model["bn_var"] > 0).all()
+    ckpt = load_file(str(out / "checkpoint.safetensors"))
+    assert set(ckpt) == set(M.PARAM_NAMES) | {"rng_state"}
+    for k in M.PARAM_NAMES:
+        assert torch.equal(ckpt[k], model[k])
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows] == list(range(250))
+    assert all(set(r) >= {"step", "loss", "lr"} for r in rows)
+    assert [r["step"] for r in rows if "val_loss" in r] == [99, 199]
+    assert [r["step"] for r in rows if "ud" in r] == [49, 99, 149, 199, 249]
+    assert set(rows[49]["ud"]) == set(M.PARAM_NAMES)
+    assert (out / "loss.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    # eval reproduces the losses that train printed, from the saved files
+    printed = capsys.readouterr().out
+    assert main(["eval", "-o", str(out), "--json"]) == 0
+    losses = json.loads(capsys.readouterr().out)
+    assert set(losses) == {"train", "val", "test"}
+    assert f"train loss {losses['train']:.4f}, val loss {losses['val']:.4f}" in printed
+
+
+def test_resume_equals_straight_and_runs_are_deterministic(tmp_path):
+    assert train(tmp_path, "straight", "--steps", "300", "--eval-every", "0")[0] == 0
+    assert train(tmp_path, "again", "--steps", "300", "--eval-every", "0")[0] == 0
+    assert train(tmp_path, "cut", "--steps", "120", "--eval-every", "0")[0] == 0
+    assert main(["train", "-o", str(tmp_path / "cut"), "--resume", "--steps", "300",
+                 "--no-progress", "--num-samples", "0"]) == 0
+    a, b, c = (load_file(str(tmp_path / d / "checkpoint.safetensors")) for d in ("straight", "again", "cut"))
+    for k in a:
+        assert torch.equal(a[k], b[k]) and torch.equal(a[k], c[k]), k
+    metrics = [(tmp_path / d / "metrics.jsonl").read_text() for d in ("straight", "again", "cut")]
+    assert metrics[0] == metrics[1] == metrics[2]
+
+
+def test_interrupt_saves_a_resumable_checkpoint(tmp_path):
+    out = tmp_path / "run"
+    cmd = [sys.executable, "-m", "backprop_ninja", "train", "-o", str(out), *SMALL,
+           "--steps", "1000000", "--eval-every", "0", "--checkpoint-every", "0"]
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 60
+    while not (out / "metrics.jsonl").exists() and time.time() < deadline:
+        time.sleep(0.1)
+    time.sleep(1.5)
+    proc.send_signal(signal.SIGINT)
+    stdout, stderr = proc.communicate(timeout=60)
+    assert proc.returncode == 130, stderr
+    assert "Traceback" not in stderr and "--resume" in stdout
+    step = len((out / "metrics.jsonl").read_text().splitlines())
+    assert 0 < step < 1000000
+    ckpt = load_file(str(out / "checkpoint.safetensors"))
+    assert (out / "model.safetensors").exists()
+    # resuming the interrupted run lands where a straight run lands
+    total = str(step + 50)
+    assert main(["train", "-o", str(out), "--resume", "--steps", total, "--no-progress",
+                 "--num-samples", "0"]) == 0
+    assert train(tmp_path, "straight", "--steps", total, "--eval-every", "0")[0] == 0
+    a = load_file(str(out / "checkpoint.safetensors"))
+    b = load_file(str(tmp_path / "straight" / "checkpoint.safetensors"))
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert not torch.equal(ckpt["W1"], a["W1"])
+
+
+# --- bad input -------------------------------------------------------------------------------
+
+def one_line_error(capsys, rc: int, *needles: str) -> str:
+    assert rc == 2
+    err = capsys.readouterr().err.strip()
+    assert "\n" not in err and "Traceback" not in err, err
+    for needle in needles:
+        assert needle in err, err
+    return err
+
+
+@pytest.mark.parametrize("content,needle", [
+    (None, "does not exist"), (b"", "no items"), (b"\n \n", "no items"),
+    (b"\x89PNG\x00\x00binary", "binary"), (b"\xff\xfe\xfa\n", "UTF-8"), (b"a\nb\nc\n", "empty"),
+])
+def test_bad_input_files(tmp_path, capsys, content, needle):
+    f = tmp_path / "in.txt"
+    if content is not None:
+        f.write_bytes(content)
+    rc, out = train(tmp_path, "run", "-i", str(f), "--steps", "10")
+    one_line_error(capsys, rc, needle)
+    assert not (out / "checkpoint.safetensors").exists()
+
+
+def test_batch_size_one(tmp_path, capsys):
+    rc, _ = train(tmp_path, "run", "--steps", "10", "--batch-size", "1")
+    one_line_error(capsys, rc, "--batch-size 2")
+
+
+@pytest.fixture
+def good_run(tmp_path):
+    f = tmp_path / "words.txt"
+    f.write_text("\n".join(f"w{chr(97 + i % 26)}{chr(97 + i // 26 % 26)}" for i in range(200)))
+    rc, out = train(tmp_path, "run", "-i", str(f), "--steps", "60", "--eval-every", "0")
+    assert rc == 0
+    return f, out, (out / "checkpoint.safetensors").read_bytes()
+
+
+def test_resume_refusals_leave_the_checkpoint_untouched(good_run, capsys, tmp_path):
+    f, out, before = good_run
+    capsys.readouterr()
+    resume = ["train", "-o", str(out), "--resume", "--steps", "100", *SMALL[2:]]
+    # retraining over an existing run without --resume
+    one_line_error(capsys, train(tmp_path, "run", "-i", str(f), "--steps", "10")[0], "--resume")
+    # an architecture flag that contradicts the run
+    one_line_error(capsys, main(resume + ["--n-hidden", "64"]), "--n-hidden 64 differs")
+    # the training file changed its alphabet
+    f.write_text(f.read_text() + "\nzoë\n")
+    one_line_error(capsys, main(resume), "vocabulary mismatch")
+    assert (out / "checkpoint.safetensors").read_bytes() == before
+
+
+def test_missing_and_corrupted_checkpoint(good_run, capsys, tmp_path):
+    _, out, _ = good_run
+    capsys.readouterr()
+    one_line_error(capsys, main(["train", "-o", str(tmp_path / "empty"), "--resume"]), "holds no run")
+    (out / "checkpoint.safetensors").write_bytes(b"\x10\x00\x00\x00\x00\x00\x00\x00garbage")
+    one_line_error(capsys, main(["train", "-o", str(out), "--resume", "--steps", "100"]), "corrupted")
+    (out / "model.safetensors").write_bytes(b"not a model")
+    one_line_error(capsys, main(["eval", "-o", str(out)]), "corrupted")
+    one_line_error(capsys, main(["sample", "-o", str(tmp_path / "nothing")]), "holds no run")
+
+
+def test_divergence_stops_and_keeps_the_last_good_checkpoint(tmp_path, capsys):
+    rc, out = train(tmp_path, "run", "--steps", "400", "--eval-every", "0", "--checkpoint-every", "100",
+                    "--lr-decay-step", "200", "--lr-decay-to", "1e30")
+    one_line_error(capsys, rc, "the loss became", "checkpoint at step 200 is kept", "--lr")
+    meta_step = json.loads((out / "config.json").read_text())["train"]["steps"]
+    assert meta_step == 400
+    ckpt = load_file(str(out / "checkpoint.safetensors"))
+    assert all(torch.isfinite(v).all() for k, v in ckpt.items() if k != "rng_state")
+    assert len((out / "metrics.jsonl").read_text().splitlines()) == 200
