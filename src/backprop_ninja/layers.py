@@ -125,8 +125,13 @@ def batchnorm_backward(dout: Tensor, cache: BatchNormCache) -> tuple[Tensor, Ten
 
 def batchnorm_apply(x: Tensor, gain: Tensor, bias: Tensor, stats: BatchNormStats,
                     eps: float = BN_EPS) -> Tensor:
-    """Evaluation mode: normalise with given statistics (no backward: nothing trains here)."""
-    return gain * (x - stats.mean) * (stats.var + eps).rsqrt() + bias
+    """Evaluation mode: normalise with given statistics (no backward: nothing trains here).
+
+    gain * (x - mean) / sqrt(var + eps) + bias, folded into one multiply-add per element:
+    x * scale + shift, with scale and shift computed once per feature.
+    """
+    scale = gain * (stats.var + eps).rsqrt()
+    return torch.addcmul(bias - stats.mean * scale, x, scale)
 
 
 # ---------------------------------------------------------------------------------------------

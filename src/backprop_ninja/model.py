@@ -133,19 +133,19 @@ def loss_and_grads(params: Params, X: Tensor, Y: Tensor) -> tuple[Tensor, Params
 
 
 @torch.no_grad()
-def calibrate(params: Params, X: Tensor, chunk: int = 65536) -> BatchNormStats:
+def calibrate(params: Params, X: Tensor, chunk: int = 4096) -> BatchNormStats:
     """Mean and unbiased variance of the first layer's pre-activations over all of X.
 
-    Computed in chunks with float64 sums, so the whole training set never has to sit in memory.
+    Computed in cache-sized chunks with float64 sums, so the whole set never sits in memory.
     """
     L.check_batch_size(X.shape[0])
     H = params["W1"].shape[1]
     total = torch.zeros(H, dtype=torch.float64, device=X.device)
     total_sq = torch.zeros(H, dtype=torch.float64, device=X.device)
     for start in range(0, X.shape[0], chunk):
-        hprebn = first_layer(params, X[start:start + chunk]).double()
-        total += hprebn.sum(0)
-        total_sq += (hprebn * hprebn).sum(0)
+        hprebn = first_layer(params, X[start:start + chunk])
+        total += hprebn.sum(0, dtype=torch.float64)
+        total_sq += (hprebn * hprebn).sum(0, dtype=torch.float64)
     n = X.shape[0]
     mean = total / n
     var = (total_sq - n * mean * mean) / (n - 1)
@@ -161,7 +161,7 @@ def first_layer(params: Params, X: Tensor) -> Tensor:
 
 @torch.no_grad()
 def evaluate(params: Params, X: Tensor, Y: Tensor, bn_stats: BatchNormStats,
-             chunk: int = 65536) -> float:
+             chunk: int = 4096) -> float:
     """Mean cross-entropy over all of (X, Y), normalising with the given statistics."""
     total = 0.0
     for start in range(0, X.shape[0], chunk):

@@ -105,6 +105,11 @@ def print_samples(workdir: Path, num: int, seed: int | None, temperature: float,
 
 
 def register(sub) -> None:
+    register_train(sub)
+    register_bench(sub)
+
+
+def register_train(sub) -> None:
     p = sub.add_parser("train", help="train with hand-written gradients (the lecture's recipe by default)")
     p.add_argument("-i", "--input", default=None,
                    help="UTF-8 text file, one item per line (default: the bundled names.txt)")
@@ -155,3 +160,28 @@ def register(sub) -> None:
     p.add_argument("--top-k", type=int, default=None, help="sample only from the k likeliest symbols")
     p.add_argument("--device", choices=("cpu", "cuda"), default=None)
     p.set_defaults(func=cmd_sample)
+
+
+def cmd_bench(args: argparse.Namespace) -> int:
+    from . import bench as B
+
+    device = resolve_device(args.device)
+    sizes = B.SIZES if not args.quick else ((32, 200), (256, 256))
+    rows = B.bench(device, sizes=sizes, repeats=args.repeats, memory=not args.no_memory,
+                   compile=args.compile, log=(lambda s: None) if args.json else print)
+    if args.json:
+        print(B.rows_to_json(rows))
+    return 0
+
+
+def register_bench(sub) -> None:
+    p = sub.add_parser("bench", help="time a training step by autograd, the lecture's loop, "
+                                     "eager and fast hand-written gradients")
+    p.add_argument("--json", action="store_true", help="print the rows as a JSON list")
+    p.add_argument("--repeats", type=int, default=5, help="timed rounds per route (median reported)")
+    p.add_argument("--quick", action="store_true", help="a smaller large size (for a quick look)")
+    p.add_argument("--no-memory", action="store_true", help="skip the peak-memory measurements")
+    p.add_argument("--compile", action="store_true",
+                   help="also time torch.compile of the eager step (reports its compile time)")
+    p.add_argument("--device", choices=("cpu", "cuda"), default=None)
+    p.set_defaults(func=cmd_bench)

@@ -1,0 +1,205 @@
+"""``backprop-ninja bench``: the training step by each route, timed in one process, interleaved.
+
+Routes (see ``steps``): autograd (``loss.backward()``, the baseline), lecture (the lecture's
+manual backward with its Python loop for dC), eager (this project's layer-by-layer hand-written
+step) and fast (the fused step that ``train`` uses). Optionally ``compiled``: torch.compile of the
+eager step, with its compile time reported.
+
+Timing: every route runs on the same data, model and batches; rounds alternate between routes
+(so drift in machine speed hits all alike) and the median round is reported, with its ratio to
+autograd. Peak memory per step: on CUDA, the allocator's peak above what was allocated before the
+route was built; on CPU, the process's peak resident memory above its level just before the route
+was built, each route in a fresh process so that no route inherits another's freed memory.
+"""
+
+from __future__ import annotations
+
+import json
+import multiprocessing as mp
+import statistics
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+
+from . import model as M
+from .steps import STEPS
+from .train import auto_threads
+
+ROUTES = ("autograd", "lecture", "eager", "fast")
+SIZES = ((32, 200), (4096, 1024))  # (batch, n_hidden): the lecture's, and a large one
+
+
+@dataclass
+class Row:
+    impl: str
+    batch: int
+    n_hidden: int
+    us_per_step: float
+    steps_per_s: float
+    ratio_vs_autograd: float
+    peak_mem_bytes: int | None
+    threads: int
+    device: str
+    note: str = ""
+
+
+def make_problem(batch: int, n_hidden: int, device: str, N: int = 182_625, V: int = 27,
+                 T: int = 3, seed: int = 0):
+    """Random examples shaped like the names' training split, and the lecture's initialisation."""
+    g = torch.Generator().manual_seed(seed)
+    X = torch.randint(0, V, (N, T), generator=g).to(device)
+    Y = torch.randint(0, V, (N,), generator=g).to(device)
+    params = M.init_params(M.ModelConfig(V, T, 10, n_hidden), device=device)
+    return params, X, Y
+
+
+def make_route(name: str, params, X, Y, batch: int):
+    if name == "compiled":
+        return CompiledStep(params, X, Y, batch)
+    return STEPS[name](params, X, Y, batch)
+
+
+class CompiledStep:
+    """torch.compile of the eager step (forward, hand-written backward, update) as one graph."""
+
+    def __init__(self, params, X, Y, batch):
+        self.params = {k: v.clone() for k, v in params.items()}
+        self.X, self.Y = X, Y
+        self.lr = torch.tensor(0.0, device=X.device)
+        self._step = torch.compile(self._eager_step, dynamic=False)
+        t = time.perf_counter()
+        self.step(torch.zeros(batch, dtype=torch.long, device=X.device), 0.0)
+        sync(X.device.type)
+        self.compile_s = time.perf_counter() - t
+
+    def _eager_step(self, ix, lr):
+        loss, grads = M.loss_and_grads(self.params, self.X[ix], self.Y[ix])
+        for name, p in self.params.items():
+            p.sub_(grads[name] * lr)
+        return loss
+
+    def step(self, ix, lr):
+        self.lr.fill_(lr)
+        with torch.no_grad():
+            return self._step(ix, self.lr)
+
+
+def sync(device: str) -> None:
+    if device == "cuda":
+        torch.cuda.synchronize()
+
+
+def time_routes(routes: dict, steps: dict[str, int], N: int, batch: int, device: str,
+                repeats: int) -> dict[str, float]:
+    """Median microseconds per step of each route over interleaved rounds; in a round each
+    route runs its own number of steps (fewer for slow routes) on the same batches."""
+    g = torch.Generator(device=device).manual_seed(1)
+    ix = [torch.randint(0, N, (batch,), generator=g, device=device) for _ in range(max(steps.values()))]
+    per_round: dict[str, list[float]] = {name: [] for name in routes}
+    names = list(routes)
+    for r in range(repeats + 1):  # round 0 warms up and is dropped
+        for name in names[r % len(names):] + names[:r % len(names)]:
+            step, batches = routes[name].step, ix[:steps[name]]
+            sync(device)
+            t = time.perf_counter()
+            for b in batches:
+                step(b, 0.01)
+            sync(device)
+            if r:
+                per_round[name].append((time.perf_counter() - t) / len(batches) * 1e6)
+    return {name: statistics.median(v) for name, v in per_round.items()}
+
+
+def steps_for(batch: int, n_hidden: int, name: str) -> int:
+    """Enough steps per round for a stable timing, few enough for the slow routes."""
+    if batch * n_hidden <= 1 << 16:
+        return 40 if name == "lecture" else 400
+    return 3 if name == "lecture" else 10
+
+
+def peak_memory(route: str, batch: int, n_hidden: int, device: str) -> int | None:
+    if device == "cuda":
+        params, X, Y = make_problem(batch, n_hidden, device)
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        base = torch.cuda.memory_allocated()
+        step = make_route(route, params, X, Y, batch)
+        run_steps(step, X.shape[0], batch, device, 3)
+        torch.cuda.synchronize()
+        return torch.cuda.max_memory_allocated() - base
+    with mp.get_context("spawn").Pool(1) as pool:
+        return pool.apply(_cpu_peak_child, (route, batch, n_hidden, torch.get_num_threads()))
+
+
+def run_steps(step, N: int, batch: int, device: str, count: int) -> None:
+    g = torch.Generator(device=device).manual_seed(2)
+    for _ in range(count):
+        step.step(torch.randint(0, N, (batch,), generator=g, device=device), 0.01)
+
+
+def _cpu_peak_child(route: str, batch: int, n_hidden: int, threads: int) -> int | None:
+    torch.set_num_threads(threads)
+    params, X, Y = make_problem(batch, n_hidden, "cpu")
+    run_steps(make_route("fast", params, X, Y, 2), X.shape[0], 2, "cpu", 1)  # load lazy kernels
+    if not reset_peak_rss():
+        return None
+    base = read_status_kb("VmRSS")
+    step = make_route(route, params, X, Y, batch)
+    run_steps(step, X.shape[0], batch, "cpu", 3)
+    return (read_status_kb("VmHWM") - base) * 1024
+
+
+def reset_peak_rss() -> bool:
+    """Reset the kernel's record of peak resident memory (Linux); False where unsupported."""
+    try:
+        Path("/proc/self/clear_refs").write_text("5")
+        return True
+    except OSError:
+        return False
+
+
+def read_status_kb(field: str) -> int:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith(field + ":"):
+            return int(line.split()[1])
+    raise OSError(f"{field} not in /proc/self/status")
+
+
+def bench(device: str = "cpu", sizes=SIZES, routes=ROUTES, repeats: int = 5,
+          memory: bool = True, compile: bool = False, log=print) -> list[Row]:
+    rows: list[Row] = []
+    names = list(routes) + (["compiled"] if compile else [])
+    for batch, n_hidden in sizes:
+        threads = auto_threads(batch, n_hidden) if device == "cpu" else torch.get_num_threads()
+        torch.set_num_threads(threads)
+        params, X, Y = make_problem(batch, n_hidden, device)
+        built = {name: make_route(name, params, X, Y, batch) for name in names}
+        note = {"compiled": f"compile {built['compiled'].compile_s:.1f} s"} if compile else {}
+        steps = {name: steps_for(batch, n_hidden, name) for name in names}
+        timings = time_routes(built, steps, X.shape[0], batch, device, repeats)
+        base = timings.get("autograd")
+        for name in names:
+            us = timings[name]
+            mem = peak_memory(name, batch, n_hidden, device) if memory and name != "compiled" else None
+            rows.append(Row(name, batch, n_hidden, round(us, 1), round(1e6 / us, 1),
+                            round(base / us, 2) if base else float("nan"), mem, threads, device,
+                            note.get(name, "")))
+        log(format_rows([r for r in rows if r.batch == batch and r.n_hidden == n_hidden]))
+    return rows
+
+
+def format_rows(rows: list[Row]) -> str:
+    r0 = rows[0]
+    lines = [f"batch {r0.batch}, n_hidden {r0.n_hidden} ({r0.device}, {r0.threads} thread(s)):",
+             f"  {'route':<9} {'us/step':>10} {'steps/s':>9} {'vs autograd':>12} {'peak mem/step':>14}"]
+    for r in rows:
+        mem = "n/a" if r.peak_mem_bytes is None else f"{r.peak_mem_bytes / 2**20:.2f} MiB"
+        lines.append(f"  {r.impl:<9} {r.us_per_step:>10.1f} {r.steps_per_s:>9.0f} "
+                     f"{r.ratio_vs_autograd:>11.2f}x {mem:>14} {r.note}")
+    return "\n".join(lines)
+
+
+def rows_to_json(rows: list[Row]) -> str:
+    return json.dumps([asdict(r) for r in rows], indent=2)
