@@ -1,0 +1,206 @@
+"""Pictures for the learner: the dlogits of a batch, and a trained run's diagnostics.
+
+Figures are drawn on matplotlib's Agg canvas directly (no pyplot), so nothing global changes and
+no display is needed.
+
+Dimension letters: n batch, H n_hidden, V vocab size.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Protocol
+
+import numpy as np
+import torch
+from matplotlib.backends.backend_agg import FigureCanvasAgg
+from matplotlib.figure import Figure
+from torch import Tensor
+
+from . import atomic
+from . import layers as L
+from . import model as M
+from .data import BOUNDARY, Dataset, Vocab, default_data_path, read_items
+from .errors import UserError
+
+SATURATED = 0.97  # |tanh| above this passes almost no gradient back (the lecture's threshold)
+
+
+def save(fig: Figure, out: str | Path) -> Path:
+    out = Path(out)
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        FigureCanvasAgg(fig)
+        fig.savefig(out, format="png", dpi=100)
+    except OSError as e:
+        raise UserError(f"cannot write {out}: {e.strerror or e}") from None
+    return out
+
+
+# ---------------------------------------------------------------------------------------------
+# dlogits
+
+@dataclass
+class DlogitsPlot:
+    path: Path
+    dlogits: Tensor  # n x V, what the image shows
+    targets: Tensor  # n, the correct class of each row
+
+
+def check_batch_dlogits(data_path: str | Path | None = None) -> tuple[Tensor, Tensor, Vocab]:
+    """dlogits of the lecture's check batch at initialisation (exercise 2's answer)."""
+    path = data_path or default_data_path()
+    setup = atomic.lecture_check_setup(path)
+    with torch.no_grad():
+        logits = M.forward(setup.params, setup.Xb).logits
+    return atomic.fused_dlogits(logits, setup.Yb), setup.Yb, Vocab.from_items(read_items(path))
+
+
+def plot_dlogits(out: str | Path, data_path: str | Path | None = None) -> DlogitsPlot:
+    dlogits, Yb, vocab = check_batch_dlogits(data_path)
+    n, V = dlogits.shape
+    fig = Figure(figsize=(10, 9))
+    ax = fig.add_subplot()
+    image = ax.imshow(dlogits.numpy(), cmap="gray", aspect="auto")
+    ax.scatter(Yb.numpy(), np.arange(n), s=60, facecolors="none", edgecolors="tab:red",
+               label="correct next character: pulled up by (1 - p)/n (dark)")
+    ax.set_xticks(range(V), [BOUNDARY, *vocab.chars])
+    ax.set_xlabel("next character (logit)")
+    ax.set_ylabel(f"example of the check batch (n = {n})")
+    ax.set_title("dlogits = (softmax(logits) - onehot(y)) / n, at initialisation\n"
+                 "every wrong class is pushed down by p/n (light), the correct one pulled up "
+                 "(dark):\neach row sums to 0 "
+                 f"(largest |row sum| here: {dlogits.sum(1).abs().max().item():.1e})", fontsize=10)
+    ax.legend(loc="upper center", bbox_to_anchor=(0.5, -0.08), fontsize=9, frameon=False)
+    fig.colorbar(image, ax=ax, label="dloss / dlogit")
+    fig.tight_layout()
+    return DlogitsPlot(save(fig, out), dlogits, Yb)
+
+
+# ---------------------------------------------------------------------------------------------
+# a trained run's diagnostics (the batchnorm lecture's pictures)
+
+class RunLike(Protocol):
+    """What the diagnostics read from a loaded run (``workdir.Run``)."""
+
+    cfg: M.ModelConfig
+    params: M.Params
+    bn_stats: L.BatchNormStats
+    data: Dataset
+    metrics: list[dict]
+
+
+def load_run_for_plot(workdir: str | Path) -> RunLike:
+    from .workdir import load_run
+
+    workdir = Path(workdir)
+    if not workdir.is_dir():
+        raise UserError(f"{workdir} is not a run's work directory; train one with "
+                        f"`backprop-ninja train -o {workdir}`")
+    try:
+        return load_run(workdir)
+    except OSError as e:
+        raise UserError(f"cannot read the run in {workdir}: {e.strerror or e}") from None
+
+
+@dataclass
+class Diagnostics:
+    """One training batch through the trained model, in training mode, and its gradients."""
+
+    activations: dict[str, Tensor]      # hpreact, h: n x H
+    activation_grads: dict[str, Tensor]  # dhpreact, dh: n x H
+    param_grads: M.Params
+    params: M.Params
+    ud: dict[str, list[tuple[int, float]]]  # param name -> (step, log10 update:data)
+
+
+def diagnose_run(run: RunLike, batch_size: int = 32, seed: int = 0) -> Diagnostics:
+    Xtr, Ytr = run.data.splits["train"]
+    g = torch.Generator().manual_seed(seed)
+    ix = torch.randint(0, Xtr.shape[0], (batch_size,), generator=g)
+    with torch.no_grad():
+        result = M.forward(run.params, Xtr[ix], Ytr[ix])
+        cache = result.cache
+        (dlogits,) = L.cross_entropy_backward(1.0, cache.ce)
+        dh = L.linear_backward(dlogits, cache.lin2)[0]
+        (dhpreact,) = L.tanh_backward(dh, cache.tanh)
+        grads = M.backward(cache)
+    hpreact = cache.bn.gain * cache.bn.xhat + run.params["bnbias"]
+    return Diagnostics({"hpreact": hpreact, "h": result.h}, {"dhpreact": dhpreact, "dh": dh},
+                       grads, run.params, update_ratios(run.metrics))
+
+
+def update_ratios(metrics: list[dict]) -> dict[str, list[tuple[int, float]]]:
+    series: dict[str, list[tuple[int, float]]] = {}
+    for row in metrics:
+        for name, value in (row.get("ud") or {}).items():
+            if value is not None and math.isfinite(value):
+                series.setdefault(name, []).append((row["step"], value))
+    return series
+
+
+def plot_diagnostics(run: RunLike, out: str | Path) -> Diagnostics:
+    d = diagnose_run(run)
+    fig = Figure(figsize=(14, 10))
+    axes = fig.subplots(2, 2)
+    activation_panel(axes[0][0], d)
+    activation_grad_panel(axes[0][1], d)
+    param_grad_panel(axes[1][0], d)
+    ud_panel(axes[1][1], d)
+    fig.suptitle(f"diagnostics of a trained run (n_hidden {run.cfg.n_hidden}), one training batch "
+                 "in training mode")
+    fig.tight_layout()
+    save(fig, out)
+    return d
+
+
+def histogram(ax, values: Tensor, label: str) -> None:
+    # densities, so that tensors of different sizes compare
+    counts, edges = np.histogram(values.detach().flatten().numpy(), bins=60, density=True)
+    ax.plot((edges[:-1] + edges[1:]) / 2, counts, label=label)
+
+
+def activation_panel(ax, d: Diagnostics) -> None:
+    h = d.activations["h"]
+    saturated = (h.abs() > SATURATED).float().mean().item()
+    histogram(ax, d.activations["hpreact"], f"hpreact: mean {d.activations['hpreact'].mean():+.2f}, "
+                                            f"std {d.activations['hpreact'].std():.2f}")
+    histogram(ax, h, f"h = tanh(hpreact): std {h.std():.2f}, saturated (|h| > {SATURATED}) "
+                     f"{saturated:.1%}")
+    ax.set_title("activations: a wide hpreact saturates tanh, whose gradient then vanishes")
+    ax.legend(fontsize=8)
+
+
+def activation_grad_panel(ax, d: Diagnostics) -> None:
+    for name, grad in d.activation_grads.items():
+        histogram(ax, grad, f"{name}: mean {grad.mean():+.1e}, std {grad.std():.1e}")
+    ax.set_title("gradients of the activations: dh, and dhpreact after tanh's (1 - h^2)")
+    ax.legend(fontsize=8)
+
+
+def param_grad_panel(ax, d: Diagnostics) -> None:
+    for name in ("C", "W1", "W2"):  # the weight matrices; biases and gains are small vectors
+        grad, param = d.param_grads[name], d.params[name]
+        ratio = grad.std().item() / max(param.std().item(), 1e-30)
+        histogram(ax, grad, f"{name} {tuple(param.shape)}: grad std {grad.std():.1e}, "
+                            f"grad:data {ratio:.1e}")
+    ax.set_title("gradients of the weights, per layer")
+    ax.legend(fontsize=8)
+
+
+def ud_panel(ax, d: Diagnostics) -> None:
+    for name in M.PARAM_NAMES:
+        points = d.ud.get(name)
+        if points:
+            steps, values = zip(*points)
+            ax.plot(steps, values, label=name + (" (~0 gradient under batchnorm)" if name == "b1" else ""))
+    ax.axhline(-3, color="black", linestyle="--", linewidth=1, label="1e-3, a rough guide")
+    ax.set_xlabel("step")
+    ax.set_ylabel("log10( std(lr * grad) / std(param) )")
+    ax.set_title("update-to-data ratio over training")
+    if not d.ud:
+        ax.text(0.5, 0.5, "no update-to-data records in metrics.jsonl\n(train with --diag-every N)",
+                ha="center", va="center", transform=ax.transAxes)
+    ax.legend(fontsize=8, ncol=2)

@@ -1,0 +1,91 @@
+"""The learner's pictures: valid PNG files, showing the right data."""
+
+from pathlib import Path
+from types import SimpleNamespace
+
+import matplotlib.image
+import pytest
+import torch
+
+from backprop_ninja import model as M
+from backprop_ninja import plots
+from backprop_ninja.cli import main
+
+PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+
+
+def assert_png(path: Path) -> None:
+    assert path.read_bytes()[:8] == PNG_MAGIC
+    image = matplotlib.image.imread(path)
+    assert image.ndim == 3 and image.shape[0] > 200 and image.shape[1] > 200
+    assert image.std() > 0.01  # not a blank canvas
+
+
+def test_plot_dlogits_command(tmp_path, capsys):
+    out = tmp_path / "sub" / "dlogits.png"
+    assert main(["plot", "dlogits", "--out", str(out)]) == 0
+    assert f"wrote {out}" in capsys.readouterr().out
+    assert_png(out)
+
+
+def test_dlogits_rows_sum_to_zero_and_pull_up_the_target(tmp_path):
+    result = plots.plot_dlogits(tmp_path / "d.png")
+    d, y = result.dlogits, result.targets
+    assert d.shape == (32, 27)
+    torch.testing.assert_close(d.sum(1), torch.zeros(32), atol=1e-6, rtol=0)
+    rows = torch.arange(32)
+    assert (d[rows, y] < 0).all()  # the correct class is pulled up
+    others = d.clone()
+    others[rows, y] = 0
+    assert (others >= 0).all()     # every other class is pushed down
+    torch.testing.assert_close(d[rows, y], -others.sum(1))
+
+
+def fake_run(names, metrics):
+    cfg = M.ModelConfig(names.vocab.size, 3, 10, 48)
+    params = M.init_params(cfg)
+    stats = M.calibrate(params, names.splits["train"][0][:1000])
+    return SimpleNamespace(cfg=cfg, params=params, bn_stats=stats, data=names, metrics=metrics)
+
+
+def test_diagnostics_of_a_fake_run(tmp_path, names):
+    metrics = [{"step": s, "loss": 3.0, "lr": 0.1} for s in range(10)]
+    for s in (3, 7):
+        metrics[s]["ud"] = {k: -3.0 + 0.1 * s for k in M.PARAM_NAMES}
+    out = tmp_path / "diag.png"
+    d = plots.plot_diagnostics(fake_run(names, metrics), out)
+    assert_png(out)
+    assert d.activations["h"].shape == d.activations["hpreact"].shape == (32, 48)
+    torch.testing.assert_close(torch.tanh(d.activations["hpreact"]), d.activations["h"])
+    assert d.activation_grads["dh"].shape == (32, 48)
+    assert set(d.param_grads) == set(M.PARAM_NAMES)
+    assert d.ud["W1"] == [(3, pytest.approx(-2.7)), (7, pytest.approx(-2.3))]
+
+
+def test_diagnostics_without_update_records(tmp_path, names):
+    out = tmp_path / "diag.png"
+    d = plots.plot_diagnostics(fake_run(names, [{"step": 0, "loss": 3.3, "lr": 0.1}]), out)
+    assert d.ud == {} and out.exists()
+    assert_png(out)
+
+
+def test_diagnostics_of_a_real_short_run(tmp_path, capsys):
+    workdir = tmp_path / "run"
+    assert main(["train", "--steps", "300", "--diag-every", "50", "--n-hidden", "64",
+                 "--no-progress", "--num-samples", "0", "-o", str(workdir)]) == 0
+    capsys.readouterr()
+    assert main(["plot", "diagnostics", "-o", str(workdir)]) == 0
+    assert f"wrote {workdir / 'diagnostics.png'}" in capsys.readouterr().out
+    assert_png(workdir / "diagnostics.png")
+    d = plots.diagnose_run(plots.load_run_for_plot(workdir))
+    assert len(d.ud["W1"]) >= 5 and all(-6 < v < 0 for _, v in d.ud["W1"])
+
+
+@pytest.mark.parametrize("make", ["missing", "empty"])
+def test_bad_workdir_is_a_one_line_error(make, tmp_path, capsys):
+    workdir = tmp_path / "run"
+    if make == "empty":
+        workdir.mkdir()
+    assert main(["plot", "diagnostics", "-o", str(workdir)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.count("\n") == 0 and "Traceback" not in err and str(workdir) in err
