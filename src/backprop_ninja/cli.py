@@ -32,8 +32,15 @@ def cmd_check(args: argparse.Namespace) -> int:
     return 0 if report.ok else 1
 
 
+class Parser(argparse.ArgumentParser):
+    """Usage errors in one line, like every other error of the command line."""
+
+    def error(self, message: str):
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = Parser(
         prog="backprop-ninja",
         description="makemore with hand-written backward passes, proven against autograd")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")

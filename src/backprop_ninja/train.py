@@ -60,7 +60,6 @@ class Options:
     """How to run: free to change between a run and its resume."""
 
     grad: str = "fast"
-    device: str = "cpu"
     eval_every: int = 10_000
     checkpoint_every: int = 10_000
     diag_every: int = 1000

@@ -32,6 +32,11 @@ def resolve_device(name: str | None) -> str:
 
 
 def cmd_train(args: argparse.Namespace) -> int:
+    for flag in ("eval_every", "checkpoint_every", "diag_every", "check_grads"):
+        if getattr(args, flag) < 0:
+            raise UserError(f"--{flag.replace('_', '-')} must be 0 or more, got {getattr(args, flag)}")
+    if args.num_threads is not None and args.num_threads < 1:
+        raise UserError(f"--num-threads must be at least 1, got {args.num_threads}")
     device = resolve_device(args.device)
     workdir = Path(args.out_dir)
     cfg_flags = {k: getattr(args, k) for k in MODEL_FLAGS}
@@ -48,7 +53,7 @@ def cmd_train(args: argparse.Namespace) -> int:
           f"{len(state.data.items):,} items ({state.data.vocab.size} symbols) from step "
           f"{state.step} to {state.tcfg.steps}; gradients: {args.grad}; {device}, {threads} thread(s); "
           f"writing to {workdir}")
-    opts = T.Options(grad=args.grad, device=device, eval_every=args.eval_every,
+    opts = T.Options(grad=args.grad, eval_every=args.eval_every,
                      checkpoint_every=args.checkpoint_every, diag_every=args.diag_every,
                      check_grads=args.check_grads, progress=not args.no_progress)
     outcome = T.train(state, opts)
