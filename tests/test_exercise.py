@@ -385,3 +385,17 @@ def test_check_never_prints_the_solution(tmp_path, capsys, setup):
     cli_check(1, write(tmp_path, E.starter_text(1)), capsys)
     code, out = cli_check(1, write(tmp_path, planted(1, "dW2 = h.T @ dlogits", "dW2 = dlogits.T @ h")), capsys)
     assert "h.T @ dlogits" not in out and "index_add_" not in out
+
+
+def test_sys_exit_at_import_does_not_end_the_checker(tmp_path, capsys):
+    path = write(tmp_path, "import sys\nsys.exit('bye')\n")
+    code, out = cli_check(2, path, capsys)
+    assert code == 1 and "mine.py:2: SystemExit while importing the file" in out
+
+
+def test_exercise4_shapes_that_break_on_other_batches(tmp_path, setup, names):
+    # right on the check batch (32 rows), a wrong shape on every other batch size
+    text = planted(4, "db2 = dlogits.sum(0)", "db2 = dlogits.sum(0) if Yb.sum() == 400 else dlogits")
+    path = write(tmp_path, text.replace("== 400", f"== {int(setup.Yb.sum())}"))
+    result = check(4, path, setup, names)
+    assert not result.ok and "during training, backward() returned no gradient of b2's" in result.text

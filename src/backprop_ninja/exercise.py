@@ -88,7 +88,8 @@ def solution_text(number: int) -> str:
 def write_starter(number: int, path: str | Path, force: bool = False) -> Path:
     path = Path(path)
     if path.exists() and not force:
-        raise UserError(f"{path} already exists; pick another file name or pass --force to overwrite it")
+        raise UserError(f"{path} already exists; pick another file name, "
+                        "or pass --force to overwrite it")
     if path.exists() and not path.is_file():
         raise UserError(f"{path} is not a regular file; pick a file name for the starter")
     try:
@@ -136,7 +137,7 @@ def load_learner(path: Path) -> ModuleType:
         text = (e.text or "").rstrip()
         raise LearnerError(f"{path}:{e.lineno}: SyntaxError: {e.msg}" +
                            (f"\n    {text.strip()}" if text else "")) from None
-    except Exception as e:
+    except (Exception, SystemExit) as e:  # a script's sys.exit() must not end the checker
         raise LearnerError(describe_exception(e, path, "while importing the file")) from None
     finally:
         sys.modules.pop(name, None)
@@ -176,7 +177,8 @@ def computed_so_far(e: BaseException, path: Path) -> dict[str, Tensor]:
         if same_file(tb.tb_frame.f_code.co_filename, path):
             frame_locals = tb.tb_frame.f_locals
         tb = tb.tb_next
-    return {k[1:]: v for k, v in frame_locals.items() if k.startswith("d") and isinstance(v, Tensor)}
+    return {k[1:]: v for k, v in frame_locals.items()
+            if k.startswith("d") and isinstance(v, Tensor)}
 
 
 @contextmanager
@@ -202,7 +204,7 @@ def call_learner(fn: Callable, path: Path, kwargs: dict[str, Tensor]) -> dict:
     try:
         with autograd_forbidden():
             result = fn(**copies)
-    except Exception as e:
+    except (Exception, SystemExit) as e:
         raise LearnerError(describe_exception(e, path, "in backward()"),
                            computed_so_far(e, path)) from None
     where = f"{path}:{fn.__code__.co_firstlineno}" if hasattr(fn, "__code__") else str(path)
@@ -280,7 +282,8 @@ def call_and_grade(title: str, names: tuple[str, ...], fn: Callable, path: Path,
         if not wrong:
             raise
         advice = first_wrong_advice(wrong[0], ctx, path, alternatives)
-        raise LearnerError(f"{e}\nbefore that line, d{wrong[0]} was already wrong:\n  {advice}") from None
+        raise LearnerError(f"{e}\nbefore that line, d{wrong[0]} was already wrong:\n"
+                           f"  {advice}") from None
     return grade(title, names, ctx, path, alternatives)
 
 
@@ -352,7 +355,7 @@ def diagnose(name: str, got: Tensor, ref: Tensor, alternatives: list[tuple[Tenso
         if hint:
             return hint
     if got.ndim == 2 and got.shape[0] == got.shape[1] and close(got, ref.T):
-        return transpose_message(name)
+        return TRANSPOSE_HINT
     return factor_hint(name, got, ref, ctx.n)
 
 
@@ -367,12 +370,12 @@ def close(a: Tensor, b: Tensor) -> bool:
 def shape_hint(name: str, got: Tensor, ref: Tensor) -> str:
     gs, rs = tuple(got.shape), tuple(ref.shape)
     if len(gs) == 2 and gs == rs[::-1]:
-        return f"d{name} has shape {list(gs)}, the transpose of {list(rs)}: " + transpose_message(name)
+        return f"d{name} has shape {list(gs)}, the transpose of {list(rs)}: {TRANSPOSE_HINT}"
     if squeeze_shape(gs) == squeeze_shape(rs):
         values = " (the values are right)" if close(got.detach().reshape(rs), ref) else ""
         if len(gs) < len(rs):
-            return (f"d{name} has shape {list(gs)} but {name} is {list(rs)}{values}: a dimension of "
-                    "size 1 was dropped. Sum with keepdim=True; broadcasting would hide the "
+            return (f"d{name} has shape {list(gs)} but {name} is {list(rs)}{values}: a "
+                    "dimension of size 1 was dropped. Sum with keepdim=True; broadcasting would hide the "
                     "missing dim and silently pair up the wrong entries further down")
         return (f"d{name} has shape {list(gs)} but {name} is {list(rs)}{values}: it has an extra "
                 f"dimension of size 1; {name} is {len(rs)}-D, so sum without keepdim")
@@ -393,7 +396,8 @@ def squeeze_shape(shape: tuple[int, ...]) -> tuple[int, ...]:
 def broadcast_dims(big: tuple[int, ...], small: tuple[int, ...]) -> list[int]:
     """The dims of `big` along which a tensor of shape `small` was broadcast to make `big`."""
     lead = len(big) - len(small)
-    return list(range(lead)) + [lead + i for i, (b, s) in enumerate(zip(big[lead:], small)) if b != s]
+    pairs = enumerate(zip(big[lead:], small))
+    return list(range(lead)) + [lead + i for i, (b, s) in pairs if b != s]
 
 
 def sum_to_shape(x: Tensor, shape: tuple[int, ...]) -> Tensor | None:
@@ -405,9 +409,8 @@ def sum_to_shape(x: Tensor, shape: tuple[int, ...]) -> Tensor | None:
     return x.sum(dims, keepdim=True).reshape(shape) if dims else x
 
 
-def transpose_message(name: str) -> str:
-    return ("a matmul backward is a matmul with a transpose: for out = x @ W, dx = dout @ W.T and "
-            "dW = x.T @ dout (each shape tells you which)")
+TRANSPOSE_HINT = ("a matmul backward is a matmul with a transpose: for out = x @ W, "
+                  "dx = dout @ W.T and dW = x.T @ dout (each shape tells you which)")
 
 
 def factor_hint(name: str, got: Tensor, ref: Tensor, n: int) -> str | None:
@@ -454,7 +457,7 @@ def exception_hint(e: BaseException) -> str | None:
     if "NoneType" in text:
         return "a gradient used on this line is still None: fill in the blanks above it first"
     if "cannot be multiplied" in text:
-        return transpose_message("")
+        return TRANSPOSE_HINT
     if "must match the size" in text or "shape" in text and "invalid" in text:
         return "the shapes do not line up: each gradient must have the shape of its tensor"
     if "unexpected keyword argument" in text or "missing" in text and "argument" in text:
@@ -467,7 +470,8 @@ def exercise1_alternatives(name: str, ctx: Context) -> list[tuple[Tensor, str]]:
     v, r, n = ctx.values, ctx.ref, ctx.n
     if name == "counts":
         return [(v["counts_sum_inv"] * r["probs"], branch_message(name, "probs", "counts_sum")),
-                (r["counts_sum"].expand_as(v["counts"]), branch_message(name, "counts_sum", "probs"))]
+                (r["counts_sum"].expand_as(v["counts"]),
+                 branch_message(name, "counts_sum", "probs"))]
     if name == "logits":
         argmax = F.one_hot(v["logits"].max(1).indices, v["logits"].shape[1])
         return [(argmax * r["logit_maxes"], branch_message(name, "logit_maxes", "norm_logits"))]
@@ -514,7 +518,8 @@ def exercise4_alternatives(name: str, ctx: Context) -> list[tuple[Tensor, str]]:
     dhpreact = (1.0 - v["h"] ** 2) * (dlogits @ v["W2"].T)
     dhprebn = fused_batchnorm_dx(v, dhpreact, 1.0)
     dembcat, dW1, db1 = L.linear_backward(dhprebn, L.LinearCache(v["embcat"], v["W1"]))
-    (dC,) = L.embedding_backward(dembcat.view(v["emb"].shape), L.EmbeddingCache(ctx.Xb, v["C"].shape[0]))
+    emb_cache = L.EmbeddingCache(ctx.Xb, v["C"].shape[0])
+    (dC,) = L.embedding_backward(dembcat.view(v["emb"].shape), emb_cache)
     wrong = {"W1": dW1, "b1": db1, "C": dC}[name]
     return [(wrong, f"d{name} is what dhprebn gives with 1 where the fused batchnorm formula has "
                     "n/(n-1): " + bessel_message("hprebn"))]
@@ -583,7 +588,8 @@ def check_exercise3(fn: Callable, path: Path, s: atomic.CheckSetup) -> Grade:
     values, ref = atomic.autograd_reference(s.params, s.Xb, s.Yb)
     ctx = Context(s.Xb.shape[0], s.Xb, {**s.params, **values}, ref, {})
     inputs = {"hprebn": values["hprebn"], "bngain": s.params["bngain"],
-              "bnvar_inv": values["bnvar_inv"], "bnraw": values["bnraw"], "dhpreact": ref["hpreact"]}
+              "bnvar_inv": values["bnvar_inv"], "bnraw": values["bnraw"],
+              "dhpreact": ref["hpreact"]}
     return call_and_grade(TITLES[3], ("hprebn",), fn, path, inputs, ctx, exercise3_alternatives)
 
 
@@ -676,7 +682,12 @@ def train_race(fn: Callable, path: Path, data: Dataset, check_cfg: M.ModelConfig
 def step_both(fn: Callable, path: Path, mine: M.Params, ref: M.Params, X: Tensor, Y: Tensor,
               lr: float, mine_losses: list[float], ref_losses: list[float]) -> None:
     values = exercise4_forward(mine, X, Y)
-    sgd(mine, call_learner(fn, path, {"Xb": X, "Yb": Y, **mine, **values}), lr)
+    grads = call_learner(fn, path, {"Xb": X, "Yb": Y, **mine, **values})
+    for name, p in mine.items():
+        if not isinstance(grads.get(name), Tensor) or grads[name].shape != p.shape:
+            raise LearnerError(f"during training, backward() returned no gradient of {name}'s "
+                               f"shape {list(p.shape)} on a batch other than the check's")
+    sgd(mine, grads, lr)
     mine_losses.append(values["loss"].item())
     loss, ref_grads = M.loss_and_grads(ref, X, Y)
     sgd(ref, ref_grads, lr)

@@ -165,8 +165,8 @@ def histogram(ax, values: Tensor, label: str) -> None:
 def activation_panel(ax, d: Diagnostics) -> None:
     h = d.activations["h"]
     saturated = (h.abs() > SATURATED).float().mean().item()
-    histogram(ax, d.activations["hpreact"], f"hpreact: mean {d.activations['hpreact'].mean():+.2f}, "
-                                            f"std {d.activations['hpreact'].std():.2f}")
+    hpreact = d.activations["hpreact"]
+    histogram(ax, hpreact, f"hpreact: mean {hpreact.mean():+.2f}, std {hpreact.std():.2f}")
     histogram(ax, h, f"h = tanh(hpreact): std {h.std():.2f}, saturated (|h| > {SATURATED}) "
                      f"{saturated:.1%}")
     ax.set_title("activations: a wide hpreact saturates tanh, whose gradient then vanishes")
@@ -195,7 +195,8 @@ def ud_panel(ax, d: Diagnostics) -> None:
         points = d.ud.get(name)
         if points:
             steps, values = zip(*points)
-            ax.plot(steps, values, label=name + (" (~0 gradient under batchnorm)" if name == "b1" else ""))
+            note = " (~0 gradient under batchnorm)" if name == "b1" else ""
+            ax.plot(steps, values, label=name + note)
     ax.axhline(-3, color="black", linestyle="--", linewidth=1, label="1e-3, a rough guide")
     ax.set_xlabel("step")
     ax.set_ylabel("log10( std(lr * grad) / std(param) )")

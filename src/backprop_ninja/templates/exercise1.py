@@ -71,7 +71,7 @@ def backward(Xb, Yb, C, W1, b1, W2, b2, bngain, bnbias,
     # BLANK dcounts_sum: counts_sum_inv = counts_sum ** -1
     dcounts_sum = -counts_sum ** -2 * dcounts_sum_inv
     # END
-    # BLANK dcounts: counts is used twice: probs = counts * counts_sum_inv and counts_sum = counts.sum(1, keepdim=True)
+    # BLANK dcounts: probs = counts * counts_sum_inv; counts_sum = counts.sum(1, keepdim=True)
     dcounts = counts_sum_inv * dprobs
     dcounts += torch.ones_like(counts) * dcounts_sum
     # END
@@ -81,7 +81,7 @@ def backward(Xb, Yb, C, W1, b1, W2, b2, bngain, bnbias,
     # BLANK dlogit_maxes: norm_logits = logits - logit_maxes  (n x V minus n x 1)
     dlogit_maxes = (-dnorm_logits).sum(1, keepdim=True)
     # END
-    # BLANK dlogits: logits is used twice: norm_logits = logits - logit_maxes and logit_maxes = logits.max(1, keepdim=True).values
+    # BLANK dlogits: norm_logits = logits - logit_maxes; logit_maxes = logits.max(1).values
     dlogits = dnorm_logits.clone()
     dlogits += F.one_hot(logits.max(1).indices, num_classes=logits.shape[1]) * dlogit_maxes
     # END
@@ -115,14 +115,14 @@ def backward(Xb, Yb, C, W1, b1, W2, b2, bngain, bnbias,
     # BLANK dbndiff2: bnvar = 1 / (n - 1) * bndiff2.sum(0, keepdim=True)
     dbndiff2 = 1.0 / (n - 1) * torch.ones_like(bndiff2) * dbnvar
     # END
-    # BLANK dbndiff: bndiff is used twice: bnraw = bndiff * bnvar_inv and bndiff2 = bndiff ** 2
+    # BLANK dbndiff: bnraw = bndiff * bnvar_inv; bndiff2 = bndiff ** 2
     dbndiff = bnvar_inv * dbnraw
     dbndiff += 2 * bndiff * dbndiff2
     # END
     # BLANK dbnmeani: bndiff = hprebn - bnmeani  (n x H minus 1 x H)
     dbnmeani = (-dbndiff).sum(0, keepdim=True)
     # END
-    # BLANK dhprebn: hprebn is used twice: bndiff = hprebn - bnmeani and bnmeani = 1 / n * hprebn.sum(0, keepdim=True)
+    # BLANK dhprebn: bndiff = hprebn - bnmeani; bnmeani = 1 / n * hprebn.sum(0, keepdim=True)
     dhprebn = dbndiff.clone()
     dhprebn += 1.0 / n * torch.ones_like(hprebn) * dbnmeani
     # END
