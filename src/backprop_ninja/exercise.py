@@ -375,8 +375,8 @@ def shape_hint(name: str, got: Tensor, ref: Tensor) -> str:
         values = " (the values are right)" if close(got.detach().reshape(rs), ref) else ""
         if len(gs) < len(rs):
             return (f"d{name} has shape {list(gs)} but {name} is {list(rs)}{values}: a "
-                    "dimension of size 1 was dropped. Sum with keepdim=True; broadcasting would hide the "
-                    "missing dim and silently pair up the wrong entries further down")
+                    "dimension of size 1 was dropped. Sum with keepdim=True; broadcasting would "
+                    "hide the missing dim and silently pair up the wrong entries further down")
         return (f"d{name} has shape {list(gs)} but {name} is {list(rs)}{values}: it has an extra "
                 f"dimension of size 1; {name} is {len(rs)}-D, so sum without keepdim")
     summed = sum_to_shape(got.detach(), rs)

@@ -16,7 +16,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("number", type=int, choices=(1, 2, 3, 4), metavar="N",
                    help="1 atomic backward, 2 fused cross-entropy, 3 fused batchnorm, 4 training")
     action = p.add_mutually_exclusive_group(required=True)
-    action.add_argument("--init", metavar="FILE", help="write a starter file with blanks to fill in")
+    action.add_argument("--init", metavar="FILE",
+                        help="write a starter file with blanks to fill in")
     action.add_argument("--check", metavar="FILE", help="grade your file against autograd")
     action.add_argument("--show-solution", action="store_true", help="print the reference solution")
     p.add_argument("--force", action="store_true", help="let --init overwrite an existing file")
@@ -24,7 +25,8 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="line-per-item text file for the check (default: the bundled names.txt)")
     p.set_defaults(func=cmd_exercise)
 
-    p = sub.add_parser("plot", help="pictures: the dlogits of a batch, or a trained run's diagnostics")
+    p = sub.add_parser("plot",
+                       help="pictures: the dlogits of a batch, or a trained run's diagnostics")
     what = p.add_subparsers(dest="what", required=True, metavar="WHAT")
     q = what.add_parser("dlogits", help="dlogits of the lecture's check batch as an image")
     q.add_argument("--out", default="dlogits.png", help="PNG file to write (default: dlogits.png)")
@@ -33,8 +35,10 @@ def register(sub: argparse._SubParsersAction) -> None:
     q.set_defaults(func=cmd_plot_dlogits)
     q = what.add_parser("diagnostics", help="activation and gradient histograms and the "
                                             "update-to-data ratio of a trained run")
-    q.add_argument("-o", "--workdir", required=True, help="the run's work directory (from train -o)")
-    q.add_argument("--out", default=None, help="PNG file to write (default: WORKDIR/diagnostics.png)")
+    q.add_argument("-o", "--workdir", required=True,
+                   help="the run's work directory (from train -o)")
+    q.add_argument("--out", default=None,
+                   help="PNG file to write (default: WORKDIR/diagnostics.png)")
     q.set_defaults(func=cmd_plot_diagnostics)
 
 
