@@ -14,7 +14,7 @@ if [ -x .venv/bin/python ] && [ -f "$stamp" ] && [ "$(cat "$stamp")" = "$want" ]
 fi
 [ -x .venv/bin/python ] || "$PY" -m venv .venv
 .venv/bin/python -m pip install -q --disable-pip-version-check "$TORCH_SPEC" 2>&1 | grep -v "^WARNING: Location" || true
-.venv/bin/python -c "import torch" || { echo "bootstrap: torch failed to install ($TORCH_SPEC)" >&2; exit 1; }
+.venv/bin/python -W ignore -c "import torch" || { echo "bootstrap: torch failed to install ($TORCH_SPEC)" >&2; exit 1; }
 .venv/bin/python -m pip install -q --disable-pip-version-check -e ".[test]" 2>&1 | grep -v "^WARNING: Location" || true
 .venv/bin/python -c "import backprop_ninja, pytest, hypothesis" || { echo "bootstrap: install failed" >&2; exit 1; }
 printf '%s' "$want" > "$stamp"
