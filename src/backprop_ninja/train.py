@@ -1,7 +1,7 @@
 """Exercise 4 as a trainer: SGD with hand-written gradients, checkpoints that resume exactly.
 
-The batch of step i is drawn from one seeded generator, the one that initialised the model (as in
-the lecture); its state is part of every checkpoint, so a run cut into pieces with --resume gives
+On the CPU the batches are drawn from the generator that initialised the model, as in the
+lecture. Its state is part of every checkpoint, so a run cut into pieces with --resume gives
 bit-for-bit the parameters of the same run made straight.
 """
 
@@ -100,8 +100,12 @@ def start_run(workdir: Path, input_path: str | None, cfg_flags: dict, tcfg: Trai
     cfg = M.ModelConfig(vocab_size=data.vocab.size, **cfg_flags)
     if cfg.n_embd < 1 or cfg.n_hidden < 1:
         raise UserError("--n-embd and --n-hidden must be at least 1")
-    g = torch.Generator(device=device).manual_seed(tcfg.seed)
-    params = M.init_params(cfg, generator=torch.Generator().manual_seed(tcfg.seed), device=device)
+    # As in the lecture, the generator that initialised the model goes on to draw the batches.
+    # On a GPU the batches need a generator there: a CUDA one with the same seed.
+    init_g = torch.Generator().manual_seed(tcfg.seed)
+    params = M.init_params(cfg, generator=init_g, device=device)
+    g = init_g if torch.device(device).type == "cpu" else \
+        torch.Generator(device=device).manual_seed(tcfg.seed)
     config = make_config(cfg, tcfg, data, path, split_seed)
     workdir.mkdir(parents=True, exist_ok=True)
     W.write_text(workdir / W.CONFIG, json.dumps(config, indent=2, ensure_ascii=False))
