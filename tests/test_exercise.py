@@ -98,8 +98,9 @@ def test_template_forwards_are_the_checkers(tmp_path, setup):
     mod4 = import_file(write(tmp_path, E.solution_text(4), "four.py"))
     ours, theirs = E.exercise4_forward(s.params, s.Xb, s.Yb), mod4.forward(s.params, s.Xb, s.Yb)
     assert ours.keys() == theirs.keys()
-    for k in ours:
-        assert torch.equal(ours[k], theirs[k]), k
+    for k in ours:  # the model's forward takes its batch statistics from var_mean: float noise
+        assert ours[k].shape == theirs[k].shape, k
+        torch.testing.assert_close(ours[k], theirs[k], rtol=1e-5, atol=1e-6)
 
 
 def test_starter_grades_as_not_filled_in(tmp_path, setup):

@@ -1,7 +1,6 @@
 """The trainer: no graph, agreement with eager and autograd, exact resume, files, bad input."""
 
 import json
-import os
 import signal
 import subprocess
 import sys
@@ -63,11 +62,19 @@ def run_without_graph(step_fn):
 @pytest.mark.parametrize("name", ["fast", "eager", "lecture"])
 def test_no_autograd_graph_in_a_step(names, name):
     params, X, Y = lecture_setup(names)
-    step = STEPS[name](params, X, Y, 32)
+    # even handed parameters that ask for gradients, a step records nothing for autograd
+    step = STEPS[name]({k: v.requires_grad_(True) for k, v in params.items()}, X, Y, 32)
     for ix in batches(X.shape[0], 3):
         loss = run_without_graph(lambda: step.step(ix, 0.1))
         assert loss.grad_fn is None and not loss.requires_grad
     assert all(not p.requires_grad for p in step.params.values())
+
+
+def test_no_autograd_graph_in_a_training_run(tmp_path, capsys):
+    out = tmp_path / "run"
+    rc = run_without_graph(lambda: main(["train", "-o", str(out), *SMALL, "--steps", "200",
+                                         "--eval-every", "100", "--diag-every", "50"]))
+    assert rc == 0 and (out / "model.safetensors").exists()
 
 
 def test_the_graph_detector_catches_autograd(names):
@@ -215,6 +222,27 @@ def test_batch_size_one(tmp_path, capsys):
     one_line_error(capsys, rc, "--batch-size 2")
 
 
+@pytest.mark.parametrize("argv,needle", [
+    (["train", "--steps", "10", "--num-samples", "-3"], "--num-samples must be 0 or more"),
+    (["train", "--steps", "10", "--lr-decay-step", "-5"], "--lr-decay-step must be 0 or more"),
+    (["train", "--steps", "10", "--lr", "nan"], "--lr must be a positive number"),
+    (["train", "--steps", "ten"], "invalid int value"),
+    (["check", "--n-hidden", "0"], "--n-hidden must be at least 1"),
+    (["bench", "--repeats", "0"], "--repeats must be at least 1"),
+])
+def test_bad_flags(tmp_path, capsys, argv, needle):
+    rc = main(argv + (["-o", str(tmp_path / "run")] if argv[0] == "train" else []))
+    one_line_error(capsys, rc, needle)
+    assert not (tmp_path / "run" / "checkpoint.safetensors").exists()
+
+
+def test_output_dir_that_is_a_file(tmp_path, capsys):
+    f = tmp_path / "file"
+    f.write_text("keep me")
+    one_line_error(capsys, main(["train", "-o", str(f), "--steps", "10"]), "is a file")
+    assert f.read_text() == "keep me"
+
+
 @pytest.fixture
 def good_run(tmp_path):
     f = tmp_path / "words.txt"
@@ -238,6 +266,25 @@ def test_resume_refusals_leave_the_checkpoint_untouched(good_run, capsys, tmp_pa
     assert (out / "checkpoint.safetensors").read_bytes() == before
 
 
+def test_resume_below_the_checkpoint_and_bad_sampling(good_run, capsys):
+    _, out, before = good_run
+    capsys.readouterr()
+    one_line_error(capsys, main(["train", "-o", str(out), "--resume", "--steps", "30"]), "below the checkpoint")
+    one_line_error(capsys, main(["sample", "-o", str(out), "--temperature", "nan"]), "--temperature")
+    one_line_error(capsys, main(["sample", "-o", str(out), "-n", "0"]), "-n must be between")
+    assert (out / "checkpoint.safetensors").read_bytes() == before
+
+
+def test_corrupted_config_and_metrics(good_run, capsys):
+    _, out, _ = good_run
+    capsys.readouterr()
+    (out / "metrics.jsonl").write_text('{"loss": 1.0}\n')
+    one_line_error(capsys, main(["train", "-o", str(out), "--resume", "--steps", "100"]), "metrics.jsonl is corrupted")
+    (out / "config.json").write_text("[1, 2]")
+    one_line_error(capsys, main(["eval", "-o", str(out)]), "not a backprop-ninja config")
+    one_line_error(capsys, main(["train", "-o", str(out), "--resume"]), "not a backprop-ninja config")
+
+
 def test_missing_and_corrupted_checkpoint(good_run, capsys, tmp_path):
     _, out, _ = good_run
     capsys.readouterr()
@@ -249,12 +296,18 @@ def test_missing_and_corrupted_checkpoint(good_run, capsys, tmp_path):
     one_line_error(capsys, main(["sample", "-o", str(tmp_path / "nothing")]), "holds no run")
 
 
-def test_divergence_stops_and_keeps_the_last_good_checkpoint(tmp_path, capsys):
+@pytest.mark.parametrize("blow_up_at,kept", [(200, 200), (199, 100)])
+def test_divergence_stops_and_keeps_the_last_good_checkpoint(tmp_path, capsys, blow_up_at, kept):
+    # blowing up at step 199 breaks the parameters that step 200's checkpoint would save, although
+    # every loss up to step 199 was finite: that checkpoint must not be written
     rc, out = train(tmp_path, "run", "--steps", "400", "--eval-every", "0", "--checkpoint-every", "100",
-                    "--lr-decay-step", "200", "--lr-decay-to", "1e30")
-    one_line_error(capsys, rc, "the loss became", "checkpoint at step 200 is kept", "--lr")
+                    "--lr-decay-step", str(blow_up_at), "--lr-decay-to", "1e30")
+    one_line_error(capsys, rc, "the loss became", f"checkpoint at step {kept} is kept", "--lr")
     meta_step = json.loads((out / "config.json").read_text())["train"]["steps"]
     assert meta_step == 400
     ckpt = load_file(str(out / "checkpoint.safetensors"))
     assert all(torch.isfinite(v).all() for k, v in ckpt.items() if k != "rng_state")
-    assert len((out / "metrics.jsonl").read_text().splitlines()) == 200
+    assert len((out / "metrics.jsonl").read_text().splitlines()) == kept
+    assert load_file(str(out / "checkpoint.safetensors")).keys() == ckpt.keys()
+    if kept + 50 < blow_up_at:  # the kept checkpoint is healthy: it trains on from where it was
+        assert main(["train", "-o", str(out), "--resume", "--steps", str(kept + 50), *SMALL[2:]]) == 0

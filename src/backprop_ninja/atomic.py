@@ -19,7 +19,7 @@ from torch import Tensor
 
 from . import layers as L
 from . import model as M
-from .data import Dataset, default_data_path
+from .data import Dataset, Vocab, default_data_path
 from .gradcheck import Comparison, compare
 
 # The 26 tensors of exercise 1, in the order the backward pass reaches them (the lecture's cmp order).
@@ -38,6 +38,7 @@ class CheckSetup:
     params: M.Params
     Xb: Tensor  # n x T
     Yb: Tensor  # n
+    vocab: Vocab
 
 
 def lecture_check_setup(path: str | Path | None = None, n_hidden: int = 64, batch_size: int = 32,
@@ -54,7 +55,7 @@ def lecture_check_setup(path: str | Path | None = None, n_hidden: int = 64, batc
     ix = torch.randint(0, Xtr.shape[0], (batch_size,), generator=g)
     params = {**mlp, **M.init_batchnorm_params(cfg, g)}
     params = {k: v.to(dtype) for k, v in params.items()}
-    return CheckSetup(cfg, params, Xtr[ix], Ytr[ix])
+    return CheckSetup(cfg, params, Xtr[ix], Ytr[ix], data.vocab)
 
 
 def atomic_forward(p: M.Params, Xb: Tensor, Yb: Tensor) -> dict[str, Tensor]:

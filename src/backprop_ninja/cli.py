@@ -12,6 +12,8 @@ def cmd_check(args: argparse.Namespace) -> int:
     from . import atomic
     from .gradcheck import format_table, tables_to_json
 
+    if args.n_hidden < 1:
+        raise UserError(f"--n-hidden must be at least 1, got {args.n_hidden}")
     setup = atomic.lecture_check_setup(args.input, n_hidden=args.n_hidden, batch_size=args.batch_size)
     report = atomic.run_check(setup)
     if args.json:
@@ -67,7 +69,10 @@ def _command_modules():
 
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
-    args = parser.parse_args(argv)
+    try:
+        args = parser.parse_args(argv)
+    except SystemExit as e:  # --help, or a usage error already printed in one line
+        return e.code if isinstance(e.code, int) else 2
     try:
         return args.func(args)
     except UserError as e:

@@ -116,6 +116,11 @@ def forward(params: Params, X: Tensor, Y: Tensor | None = None,
 
 def backward(cache: ModelCache) -> Params:
     """Gradients of the loss for every parameter: the forward read bottom-up, a layer a line."""
+    return backward_with_activations(cache)[0]
+
+
+def backward_with_activations(cache: ModelCache) -> tuple[Params, dict[str, Tensor]]:
+    """``backward``, and also the gradients of the activations (dlogits, dh, dhpreact, dhprebn)."""
     if cache.ce is None or cache.bn is None:
         raise ValueError("backward needs a training forward pass: targets given and bn_stats=None")
     (dlogits,) = L.cross_entropy_backward(1.0, cache.ce)
@@ -124,7 +129,8 @@ def backward(cache: ModelCache) -> Params:
     dhprebn, dbngain, dbnbias = L.batchnorm_backward(dhpreact, cache.bn)
     dembcat, dW1, db1 = L.linear_backward(dhprebn, cache.lin1)
     (dC,) = L.embedding_backward(dembcat.view(cache.emb_shape), cache.emb)
-    return {"C": dC, "W1": dW1, "b1": db1, "W2": dW2, "b2": db2, "bngain": dbngain, "bnbias": dbnbias}
+    grads = {"C": dC, "W1": dW1, "b1": db1, "W2": dW2, "b2": db2, "bngain": dbngain, "bnbias": dbnbias}
+    return grads, {"dlogits": dlogits, "dh": dh, "dhpreact": dhpreact, "dhprebn": dhprebn}
 
 
 def loss_and_grads(params: Params, X: Tensor, Y: Tensor) -> tuple[Tensor, Params]:

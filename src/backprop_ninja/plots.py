@@ -22,7 +22,7 @@ from torch import Tensor
 from . import atomic
 from . import layers as L
 from . import model as M
-from .data import BOUNDARY, Dataset, Vocab, default_data_path, read_items
+from .data import BOUNDARY, Dataset, Vocab, default_data_path
 from .errors import UserError
 
 SATURATED = 0.97  # |tanh| above this passes almost no gradient back (the lecture's threshold)
@@ -55,7 +55,7 @@ def check_batch_dlogits(data_path: str | Path | None = None) -> tuple[Tensor, Te
     setup = atomic.lecture_check_setup(path)
     with torch.no_grad():
         logits = M.forward(setup.params, setup.Xb).logits
-    return atomic.fused_dlogits(logits, setup.Yb), setup.Yb, Vocab.from_items(read_items(path))
+    return atomic.fused_dlogits(logits, setup.Yb), setup.Yb, setup.vocab
 
 
 def plot_dlogits(out: str | Path, data_path: str | Path | None = None) -> DlogitsPlot:
@@ -122,13 +122,10 @@ def diagnose_run(run: RunLike, batch_size: int = 32, seed: int = 0) -> Diagnosti
     ix = torch.randint(0, Xtr.shape[0], (batch_size,), generator=g)
     with torch.no_grad():
         result = M.forward(run.params, Xtr[ix], Ytr[ix])
-        cache = result.cache
-        (dlogits,) = L.cross_entropy_backward(1.0, cache.ce)
-        dh = L.linear_backward(dlogits, cache.lin2)[0]
-        (dhpreact,) = L.tanh_backward(dh, cache.tanh)
-        grads = M.backward(cache)
-    hpreact = cache.bn.gain * cache.bn.xhat + run.params["bnbias"]
-    return Diagnostics({"hpreact": hpreact, "h": result.h}, {"dhpreact": dhpreact, "dh": dh},
+        grads, act = M.backward_with_activations(result.cache)
+    bn = result.cache.bn
+    hpreact = bn.gain * bn.xhat + run.params["bnbias"]
+    return Diagnostics({"hpreact": hpreact, "h": result.h}, {"dhpreact": act["dhpreact"], "dh": act["dh"]},
                        grads, run.params, update_ratios(run.metrics))
 
 

@@ -7,6 +7,8 @@ at the boundary token. Items still running at ``max_len`` are cut there.
 
 from __future__ import annotations
 
+import math
+
 import torch
 from torch import Tensor
 
@@ -20,8 +22,8 @@ def sample_indices(params: M.Params, bn_stats: BatchNormStats, block_size: int, 
                    generator: torch.Generator, max_len: int, temperature: float = 1.0,
                    top_k: int | None = None) -> list[list[int]]:
     """``num`` items as lists of vocabulary indices, without the closing boundary token."""
-    if temperature <= 0:
-        raise UserError(f"--temperature must be positive, got {temperature}")
+    if not (math.isfinite(temperature) and temperature > 0):
+        raise UserError(f"--temperature must be a positive number, got {temperature}")
     V = params["C"].shape[0]
     if top_k is not None and not 1 <= top_k <= V:
         raise UserError(f"--top-k must be between 1 and the vocabulary size {V}, got {top_k}")

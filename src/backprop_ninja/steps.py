@@ -37,7 +37,7 @@ class FastStep:
         check_batch_size(batch_size)
         self.X, self.Y, self.n = X, Y, batch_size
         ref = params["W1"]
-        self.flat = torch.cat([p.reshape(-1) for p in params.values()])
+        self.flat = torch.cat([p.detach().reshape(-1) for p in params.values()])
         self.flat_grad = torch.zeros_like(self.flat)
         self.params = self._views(self.flat, params)
         self.grads = self._views(self.flat_grad, params)
@@ -129,7 +129,8 @@ class EagerStep:
 
     def __init__(self, params: M.Params, X: Tensor, Y: Tensor, batch_size: int):
         check_batch_size(batch_size)
-        self.params = {k: v.clone() for k, v in params.items()}
+        self.params = {k: v.detach().clone() for k, v in params.items()}
+        self.grads = {k: torch.zeros_like(v) for k, v in self.params.items()}
         self.X, self.Y = X, Y
 
     def step(self, ix: Tensor, lr: float) -> Tensor:

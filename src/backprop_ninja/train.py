@@ -47,8 +47,9 @@ class TrainConfig:
 
     def validate(self) -> None:
         check_batch_size(self.batch_size)
-        if self.steps < 0:
-            raise UserError(f"--steps must be 0 or more, got {self.steps}")
+        for name in ("steps", "lr_decay_step"):
+            if getattr(self, name) < 0:
+                raise UserError(f"--{name.replace('_', '-')} must be 0 or more, got {getattr(self, name)}")
         for name in ("lr", "lr_decay_to"):
             value = getattr(self, name)
             if not (math.isfinite(value) and value > 0):
@@ -94,6 +95,9 @@ def start_run(workdir: Path, input_path: str | None, cfg_flags: dict, tcfg: Trai
         step = checkpoint_step(workdir)
         raise UserError(f"{workdir} already holds a run (at step {step}); continue it with "
                         "--resume, or train into another -o WORKDIR")
+    if (workdir / W.MODEL).exists():
+        raise UserError(f"{workdir} already holds a trained model; train into another -o WORKDIR "
+                        "(or delete this one)")
     tcfg.validate()
     path = Path(input_path).resolve() if input_path else None
     data = Dataset.load(path or default_data_path(), block_size=cfg_flags["block_size"], seed=split_seed)
@@ -152,6 +156,9 @@ def resume_run(workdir: Path, input_path: str | None, cfg_flags: dict, train_fla
         raise UserError(f"{workdir / W.CHECKPOINT} has no valid RNG state; train again into a new "
                         "-o WORKDIR") from None
     step = int(meta["step"])
+    if tcfg.steps < step:
+        raise UserError(f"--steps {tcfg.steps} is below the checkpoint's step {step}; pass a total of "
+                        f"at least {step} to resume")
     metrics = W.read_metrics(workdir, before_step=step)
     if len(metrics) != step:
         raise UserError(f"{workdir / W.METRICS} is missing steps before the checkpoint's step "
@@ -179,7 +186,14 @@ def checkpoint_meta(workdir: Path) -> dict[str, str]:
         return meta
     except Exception:
         raise UserError(f"{workdir / W.CHECKPOINT} is corrupted or not a backprop-ninja checkpoint; "
-                        "delete it, or train again into a new -o WORKDIR") from None
+                        "train again into a new -o WORKDIR") from None
+
+
+def checkpoint_device(workdir: Path) -> str | None:
+    """The device a checkpoint was made on, if there is a readable one."""
+    if not (workdir / W.CHECKPOINT).exists():
+        return None
+    return checkpoint_meta(workdir).get("device")
 
 
 def checkpoint_step(workdir: Path) -> str:
@@ -301,6 +315,7 @@ def run_loop(state: RunState, opts: Options) -> str:
                disable=None if opts.progress else True, dynamic_ncols=True)
     last_good = state.step if (state.workdir / W.CHECKPOINT).exists() else None
     t0, s0 = time.perf_counter(), state.step
+    probe_size = max(2, min(X.shape[0], 1024))
 
     def flush() -> None:
         nonlocal pending
@@ -311,19 +326,27 @@ def run_loop(state: RunState, opts: Options) -> str:
         pending = []
         for k, loss in enumerate(losses):
             if not math.isfinite(loss):
-                kept = f"the checkpoint at step {last_good} is kept" if last_good is not None else \
-                    "no checkpoint had been saved yet"
-                raise Diverged(f"the loss became {loss} at step {first + k}; training stopped and "
-                               f"{kept}; lower --lr (or --lr-decay-to) and train again")
+                raise diverged(loss, first + k)
             row = {"step": first + k, "loss": loss, "lr": tcfg.lr_at(first + k)}
             state.metrics.append(row)
             unsaved.append(row)
         bar.update(len(losses))
         bar.set_postfix(loss=f"{losses[-1]:.4f}", refresh=False)
 
+    def diverged(loss: float, step: int) -> Diverged:
+        kept = f"the checkpoint at step {last_good} is kept" if last_good is not None else \
+            "no checkpoint had been saved yet"
+        return Diverged(f"the loss became {loss} at step {step}; training stopped and {kept}; "
+                        "lower --lr (or --lr-decay-to) and train again")
+
     def checkpoint() -> None:
+        """Save, but only parameters that are healthy: finite, with a finite loss on a probe
+        batch (the last update may have broken them even though the losses so far were fine)."""
         nonlocal unsaved, last_good
         flush()
+        probe = M.forward(state.params, X[:probe_size], Y[:probe_size]).loss.item()
+        if not (math.isfinite(probe) and all(torch.isfinite(p).all() for p in state.params.values())):
+            raise diverged(probe, state.step)
         append_metrics(state.workdir, unsaved)
         unsaved = []
         save_checkpoint(state)

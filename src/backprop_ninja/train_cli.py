@@ -18,6 +18,7 @@ MODEL_FLAGS = ("block_size", "n_embd", "n_hidden")
 TRAIN_FLAGS = ("steps", "batch_size", "lr", "lr_decay_step", "lr_decay_to", "seed")
 MODEL_DEFAULTS = {"block_size": 3, "n_embd": 10, "n_hidden": 200}
 SPLIT_SEED = 42
+MAX_SAMPLES = 100_000
 
 
 def default_device() -> str:
@@ -32,13 +33,16 @@ def resolve_device(name: str | None) -> str:
 
 
 def cmd_train(args: argparse.Namespace) -> int:
-    for flag in ("eval_every", "checkpoint_every", "diag_every", "check_grads"):
+    for flag in ("eval_every", "checkpoint_every", "diag_every", "check_grads", "num_samples"):
         if getattr(args, flag) < 0:
             raise UserError(f"--{flag.replace('_', '-')} must be 0 or more, got {getattr(args, flag)}")
     if args.num_threads is not None and args.num_threads < 1:
         raise UserError(f"--num-threads must be at least 1, got {args.num_threads}")
-    device = resolve_device(args.device)
     workdir = Path(args.out_dir)
+    if workdir.exists() and not workdir.is_dir():
+        raise UserError(f"-o {workdir} is a file, not a directory; pass a directory for the run")
+    # a resumed run stays on the device its checkpoint (and its RNG state) was made on
+    device = resolve_device(args.device or (T.checkpoint_device(workdir) if args.resume else None))
     cfg_flags = {k: getattr(args, k) for k in MODEL_FLAGS}
     train_flags = {k: getattr(args, k) for k in TRAIN_FLAGS}
     if args.resume:
@@ -91,8 +95,9 @@ def print_samples(workdir: Path, num: int, seed: int | None, temperature: float,
                   top_k: int | None, device: str) -> int:
     from .sample import sample_indices
 
-    if num < 1:
-        raise UserError(f"-n must be at least 1, got {num}")
+    if not 1 <= num <= MAX_SAMPLES:
+        raise UserError(f"-n must be between 1 and {MAX_SAMPLES:,}, got {num}; "
+                        "run sample again for more")
     run = W.load_run(workdir, device)
     items = run.data.items
     g = torch.Generator(device=device)
@@ -170,6 +175,8 @@ def register_train(sub) -> None:
 def cmd_bench(args: argparse.Namespace) -> int:
     from . import bench as B
 
+    if args.repeats < 1:
+        raise UserError(f"--repeats must be at least 1, got {args.repeats}")
     device = resolve_device(args.device)
     sizes = B.SIZES if not args.quick else ((32, 200), (256, 256))
     rows = B.bench(device, sizes=sizes, repeats=args.repeats, memory=not args.no_memory,

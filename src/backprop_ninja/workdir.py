@@ -68,8 +68,8 @@ def load_tensors(path: Path, what: str) -> dict[str, torch.Tensor]:
     try:
         return load_file(str(path))
     except (SafetensorError, OSError, ValueError) as e:
-        raise UserError(f"{path} is corrupted ({str(e).splitlines()[0]}); delete it, or train "
-                        "again into a new -o WORKDIR") from None
+        raise UserError(f"{path} is corrupted ({str(e).splitlines()[0]}); train again into a new "
+                        "-o WORKDIR") from None
 
 
 def read_config(workdir: Path) -> dict:
@@ -79,11 +79,11 @@ def read_config(workdir: Path) -> dict:
                         f"`backprop-ninja train -o {workdir}`")
     try:
         config = json.loads(path.read_text(encoding="utf-8"))
-        if config.get("format") != FORMAT:
+        if not isinstance(config, dict) or config.get("format") != FORMAT:
             raise ValueError(f"format {config.get('format')!r}")
         M.ModelConfig(**config["model"])
         return config
-    except (ValueError, KeyError, TypeError) as e:
+    except (ValueError, KeyError, TypeError, AttributeError) as e:
         raise UserError(f"{path} is not a backprop-ninja config ({e}); train again into a new "
                         "-o WORKDIR") from None
 
@@ -166,6 +166,10 @@ def read_metrics(workdir: Path, before_step: int | None = None) -> list[dict]:
             row = json.loads(line)
         except json.JSONDecodeError:
             break  # a line cut off by a crash: everything before it is good
+        if not (isinstance(row, dict) and isinstance(row.get("step"), int)
+                and isinstance(row.get("loss"), (int, float))):
+            raise UserError(f"{path} is corrupted (line {len(rows) + 1} is not a metrics row); "
+                            "train again into a new -o WORKDIR")
         if before_step is not None and row["step"] >= before_step:
             break
         rows.append(row)
