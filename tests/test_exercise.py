@@ -400,3 +400,12 @@ def test_exercise4_shapes_that_break_on_other_batches(tmp_path, setup, names):
     path = write(tmp_path, text.replace("== 400", f"== {int(setup.Yb.sum())}"))
     result = check(4, path, setup, names)
     assert not result.ok and "during training, backward() returned no gradient of b2's" in result.text
+
+
+def test_os_exit_does_not_end_the_checker(tmp_path, capsys):
+    at_import = write(tmp_path, "import os\nos._exit(0)\n", "at_import.py")
+    code, out = cli_check(2, at_import, capsys)
+    assert code == 1 and "at_import.py:2: SystemExit while importing the file" in out
+    in_backward = write(tmp_path, "import os\n\ndef backward(logits, Yb):\n    os._exit(0)\n", "in_call.py")
+    code, out = cli_check(2, in_backward, capsys)
+    assert code == 1 and "in_call.py:4: SystemExit in backward()" in out
