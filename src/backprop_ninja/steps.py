@@ -56,7 +56,7 @@ class FastStep:
         self.hprebn, self.xhat, self.h, self.tmp_nh = new(n, H), new(n, H), new(n, H), new(n, H)
         self.h_T = self.h.T
         self.stat, self.var_inv, self.coef = new(1, H), new(1, H), new(1, H)
-        self.logits, self.picked = new(n, V), new(n, 1)
+        self.logits, self.logprobs, self.picked = new(n, V), new(n, V), new(n, 1)
         self.dh, self.dhpreact, self.dhprebn = new(n, H), new(n, H), new(n, H)
         self.demb = new(n * T, C)
         self.dembcat = self.demb.view(n, T * C)
@@ -97,10 +97,11 @@ class FastStep:
         torch.addcmul(p["bnbias"], p["bngain"], xhat, out=self.h).tanh_()
         torch.addmm(p["b2"], self.h, p["W2"], out=self.logits)          # n x V
         # ---- softmax cross-entropy; dlogits = (probs - onehot) / n, built in place over probs
-        dlogits = torch.softmax(self.logits, dim=1)
-        torch.gather(dlogits, 1, self.yb_col, out=self.picked)
-        loss = torch.dot(torch.log(self.picked, out=self.picked).view(-1), self.minus_inv_n)
-        dlogits.scatter_add_(1, self.yb_col, self.minus_one).mul_(self.inv_n)
+        # (log-softmax first: the loss stays finite where a probability underflows to 0)
+        logprobs = torch.log_softmax(self.logits, dim=1, out=self.logprobs)
+        torch.gather(logprobs, 1, self.yb_col, out=self.picked)
+        loss = torch.dot(self.picked.view(-1), self.minus_inv_n)
+        dlogits = logprobs.exp_().scatter_add_(1, self.yb_col, self.minus_one).mul_(self.inv_n)
         # ---- backward: logits = h @ W2 + b2
         torch.mm(self.h_T, dlogits, out=g["W2"])
         torch.sum(dlogits, 0, out=g["b2"])
