@@ -38,7 +38,7 @@ from . import layers as L
 from . import model as M
 from .data import Dataset, default_data_path
 from .errors import UserError
-from .gradcheck import Comparison, compare, format_table
+from .gradcheck import Comparison, approx_equal, compare, format_table, gradient_problem
 
 TITLES = {
     1: "exercise 1: the atomic backward, all 26 tensors",
@@ -271,7 +271,7 @@ class Context:
 
 def grade(title: str, names: tuple[str, ...], ctx: Context, path: Path,
           alternatives: Callable[[str, Context], list[tuple[Tensor, str]]]) -> Grade:
-    rows = [compare(name, as_tensor(ctx.got.get(name)), ctx.ref[name]) for name in names]
+    rows = [compare(name, ctx.got.get(name), ctx.ref[name]) for name in names]
     g = Grade(title, rows)
     wrong = [r for r in rows if not r.approx]
     if wrong:
@@ -302,17 +302,14 @@ def call_and_grade(title: str, names: tuple[str, ...], fn: Callable, path: Path,
     return grade(title, names, ctx, path, alternatives)
 
 
-def as_tensor(value: object) -> Tensor | None:
-    return value if isinstance(value, Tensor) else None
-
-
 def first_wrong_advice(name: str, ctx: Context, path: Path,
                        alternatives: Callable[[str, Context], list[tuple[Tensor, str]]]) -> str:
     value = ctx.got.get(name)
     if value is None:
         return missing_advice(name, ctx, path)
-    if not isinstance(value, Tensor):
-        return f"d{name} is a {type(value).__name__}, not a tensor"
+    problem = gradient_problem(value, ctx.ref[name])
+    if problem is not None:
+        return f"d{name} {problem}"
     hint = diagnose(name, value, ctx.ref[name], alternatives(name, ctx), ctx)
     return f"hint: {hint}" if hint else \
         f"d{name} differs from autograd's; recheck the local derivative and the chain rule"
@@ -363,23 +360,15 @@ def diagnose(name: str, got: Tensor, ref: Tensor, alternatives: list[tuple[Tenso
         return (f"d{name} is all zeros: was it started with zeros_like and never written, "
                 "or multiplied by a gradient that is still zero?")
     for alternative, message in alternatives:
-        if close(got, alternative):
+        if approx_equal(got, alternative):
             return message
     if name == "C":
         hint = embedding_hint(got, ref, ctx.Xb)
         if hint:
             return hint
-    if got.ndim == 2 and got.shape[0] == got.shape[1] and close(got, ref.T):
+    if got.ndim == 2 and got.shape[0] == got.shape[1] and approx_equal(got, ref.T):
         return TRANSPOSE_HINT
     return factor_hint(name, got, ref, ctx.n)
-
-
-def close(a: Tensor, b: Tensor) -> bool:
-    """Equal up to float32 rounding of a different but equivalent formula."""
-    if a.shape != b.shape:
-        return False
-    scale = b.abs().max().item() if b.numel() else 0.0
-    return bool(torch.allclose(a, b, rtol=1e-4, atol=1e-6 + 1e-4 * scale))
 
 
 def shape_hint(name: str, got: Tensor, ref: Tensor) -> str:
@@ -387,7 +376,7 @@ def shape_hint(name: str, got: Tensor, ref: Tensor) -> str:
     if len(gs) == 2 and gs == rs[::-1]:
         return f"d{name} has shape {list(gs)}, the transpose of {list(rs)}: {TRANSPOSE_HINT}"
     if squeeze_shape(gs) == squeeze_shape(rs):
-        values = " (the values are right)" if close(got.detach().reshape(rs), ref) else ""
+        values = " (the values are right)" if approx_equal(got.detach().reshape(rs), ref) else ""
         if len(gs) < len(rs):
             return (f"d{name} has shape {list(gs)} but {name} is {list(rs)}{values}: a "
                     "dimension of size 1 was dropped. Sum with keepdim=True; broadcasting would "
@@ -397,7 +386,7 @@ def shape_hint(name: str, got: Tensor, ref: Tensor) -> str:
     summed = sum_to_shape(got.detach(), rs)
     if summed is not None:
         dims = broadcast_dims(gs, rs)
-        right = " Summing yours over it gives the right answer." if close(summed, ref) else ""
+        right = " Summing yours over it gives the right answer." if approx_equal(summed, ref) else ""
         return (f"d{name} has shape {list(gs)}, the shape of the broadcast result: {name} "
                 f"{list(rs)} was broadcast along dim {dims} in the forward pass, so its gradient "
                 f"is a sum over that dim (keeping {name}'s shape).{right}")
@@ -433,7 +422,7 @@ def factor_hint(name: str, got: Tensor, ref: Tensor, n: int) -> str | None:
     if ref.abs().max() < 1e-6:
         return None
     s = ((got * ref).sum() / (ref * ref).sum()).item()
-    if not close(got, s * ref):
+    if not approx_equal(got, s * ref):
         return None
     known = ((-1.0, "the sign is flipped"),
              (n, f"it is n = {n} times too big: the loss is a mean over the batch, so a 1/n "
@@ -460,7 +449,7 @@ def embedding_hint(got: Tensor, ref: Tensor, Xb: Tensor) -> str | None:
     """Rows looked up once right, rows looked up several times wrong: assigned, not accumulated."""
     uses = torch.bincount(Xb.reshape(-1), minlength=ref.shape[0])
     once, many = uses <= 1, uses > 1
-    if many.any() and close(got[once], ref[once]) and not close(got[many], ref[many]):
+    if many.any() and approx_equal(got[once], ref[once]) and not approx_equal(got[many], ref[many]):
         return ("dC is right for the rows of C looked up once and wrong for rows looked up several "
                 "times: each lookup adds its gradient to the row (+= in the loop, or index_add_); "
                 "an assignment like dC[Xb] = demb keeps only one of them")
@@ -546,7 +535,7 @@ def passing_notes(ctx: Context, names: tuple[str, ...]) -> list[str]:
     if "logit_maxes" not in names or not all(isinstance(t, Tensor) for t in (got_logits, got_norm)):
         return []
     if got_logits.shape == got_norm.shape and torch.equal(got_logits, got_norm) \
-            and close(got_logits, ctx.ref["logits"]):
+            and approx_equal(got_logits, ctx.ref["logits"]):
         return ["dlogits equals dnorm_logits exactly: the branch through logit_maxes looks "
                 "missing. Its gradient is ~0 (softmax does not change when a row is shifted), "
                 "so the check passes; add it anyway"]

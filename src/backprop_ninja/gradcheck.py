@@ -1,8 +1,9 @@
 """Gradient checking as a library feature: two independent oracles for a hand-written gradient.
 
 1. autograd: ``compare`` reports, like the lecture's ``cmp``, whether the hand-written gradient is
-   bit-exact, approximately equal (``torch.allclose``), the max abs difference, and whether the
-   shapes agree. A shape mismatch is reported as such, never broadcast past.
+   bit-exact, approximately equal (``approx_equal``, defined once below), the max abs difference,
+   and whether the shapes agree. A shape mismatch is reported as such, never broadcast past, and
+   something that is not a floating tensor is refused, never cast.
 2. central finite differences in float64: ``finite_difference_grads`` and ``relative_error``.
 
 Checks are driven through ``(out * dout).sum()`` with a random ``dout``: with ``out.mean()`` or a
@@ -21,6 +22,50 @@ import torch
 from torch import Tensor
 
 
+# "Approximately equal", the one definition every check uses (``check``, ``--check-grads``, the
+# exercise checker and its hints):  max|mine - ref| <= APPROX_ATOL + APPROX_RTOL * max|ref|,
+# computed in float64. Why relative to the tensor's largest entry and not elementwise: two correct
+# float32 formulas differ by rounding that scales with the sums they accumulate, so an entry that
+# is near zero through cancellation carries the rounding of its large neighbours. Why an
+# absolute floor: some true gradients are exactly zero (b1 under batchnorm, logit_maxes), and then
+# both sides are float32 noise, measured at 1e-9 to 1e-8 from batch 32 to 4096; no formula can
+# match noise. A real mistake is far above both (Bessel's n/(n-1) at n = 4096 is 2.4e-4 relative).
+APPROX_RTOL = 1e-5
+APPROX_ATOL = 1e-6
+
+
+def approx_equal(got: Tensor, ref: Tensor) -> bool:
+    """The project's "approximately equal" (see above); shapes must match exactly."""
+    if tuple(got.shape) != tuple(ref.shape):
+        return False
+    if got.numel() == 0:
+        return True
+    a, b = got.detach().double(), ref.detach().double()
+    return (a - b).abs().max().item() <= APPROX_ATOL + APPROX_RTOL * b.abs().max().item()
+
+
+def gradient_problem(manual: object, reference: Tensor) -> str | None:
+    """Why ``manual`` cannot be a gradient of ``reference`` at all, or None if it can be one.
+
+    A gradient is a floating-point tensor on the reference's device. Anything else is refused
+    before any arithmetic: comparing after a cast would truncate, e.g. an integer tensor of
+    zeros would equal a reference whose entries are all below 1 in magnitude.
+    """
+    if manual is None:
+        return "is missing (None)"
+    if not isinstance(manual, Tensor):
+        kind = type(manual)
+        what = kind.__name__ if kind.__module__ == "builtins" else \
+            f"{kind.__module__.split('.')[0]}.{kind.__name__}"
+        return f"is a {what}, not a torch tensor"
+    if manual.is_complex() or not manual.is_floating_point():
+        return f"is a {str(manual.dtype).removeprefix('torch.')} tensor; a gradient is a " \
+               f"floating-point tensor ({str(reference.dtype).removeprefix('torch.')}, like the tensor itself)"
+    if manual.device != reference.device:
+        return f"is on {manual.device}, but the tensor is on {reference.device}"
+    return None
+
+
 @dataclass(frozen=True)
 class Comparison:
     """One row of a check table."""
@@ -29,8 +74,9 @@ class Comparison:
     exact: bool
     approx: bool
     maxdiff: float
-    shape: tuple[int, ...] | None      # the hand-written gradient's shape (None: missing)
+    shape: tuple[int, ...] | None      # the hand-written gradient's shape (None: not a tensor)
     expected_shape: tuple[int, ...]
+    problem: str | None = None         # why it is not a gradient at all (wrong type, dtype, device)
 
     @property
     def shape_ok(self) -> bool:
@@ -46,27 +92,25 @@ class Comparison:
         return d
 
 
-def compare(name: str, manual: Tensor | None, reference: Tensor,
-            rtol: float = 1e-5, atol: float = 1e-6) -> Comparison:
+def compare(name: str, manual: object, reference: Tensor) -> Comparison:
     """Compare a hand-written gradient with a reference one (the lecture's ``cmp``).
 
-    approx is ``torch.allclose(rtol, atol)``. atol is 1e-6 rather than allclose's 1e-8 because
-    some true gradients are exactly zero (b1 under batchnorm, logit_maxes): there both sides are
-    float32 rounding noise of order 1e-8, and no formula can match noise.
+    exact: bit-for-bit equal values; approx: ``approx_equal``; maxdiff in float64. Something that
+    is not a floating tensor on the reference's device, or has another shape, is reported as such
+    and never cast or broadcast past.
     """
     expected_shape = tuple(reference.shape)
-    if manual is None or not isinstance(manual, Tensor):
-        return Comparison(name, False, False, math.nan, None, expected_shape)
+    problem = gradient_problem(manual, reference)
+    if problem is not None:
+        shape = tuple(manual.shape) if isinstance(manual, Tensor) else None
+        return Comparison(name, False, False, math.nan, shape, expected_shape, problem)
     shape = tuple(manual.shape)
     if shape != expected_shape:
         return Comparison(name, False, False, math.nan, shape, expected_shape)
-    manual = manual.detach()
-    reference = reference.detach().to(manual.dtype)
-    diff = (manual - reference).abs()
-    maxdiff = diff.max().item() if diff.numel() else 0.0
-    exact = bool(torch.equal(manual, reference))
-    approx = bool(torch.allclose(manual, reference, rtol=rtol, atol=atol))
-    return Comparison(name, exact, approx, maxdiff, shape, expected_shape)
+    a, b = manual.detach().double(), reference.detach().double()
+    maxdiff = (a - b).abs().max().item() if a.numel() else 0.0
+    return Comparison(name, bool(torch.equal(a, b)), approx_equal(a, b), maxdiff, shape,
+                      expected_shape)
 
 
 def format_table(rows: list[Comparison], title: str | None = None) -> str:
@@ -75,8 +119,8 @@ def format_table(rows: list[Comparison], title: str | None = None) -> str:
     lines = [title] if title else []
     lines.append(f"{'tensor':<{width}} | exact | approx | maxdiff")
     for r in rows:
-        if r.shape is None:
-            line = f"{r.name:<{width}} | {'-':<5} | {'-':<6} | missing (expected shape {list(r.expected_shape)})"
+        if r.problem is not None:
+            line = f"{r.name:<{width}} | {'-':<5} | {'-':<6} | d{r.name} {r.problem}"
         elif not r.shape_ok:
             line = (f"{r.name:<{width}} | {'False':<5} | {'False':<6} | shape {list(r.shape)}, "
                     f"expected {list(r.expected_shape)}")

@@ -7,7 +7,6 @@ bit-for-bit the parameters of the same run made straight.
 
 from __future__ import annotations
 
-import json
 import math
 import os
 import signal
@@ -25,6 +24,7 @@ from . import workdir as W
 from .atomic import model_autograd_grads
 from .data import Dataset, default_data_path
 from .errors import UserError
+from .gradcheck import compare
 from .layers import check_batch_size
 from .steps import STEPS
 
@@ -80,6 +80,11 @@ class RunState:
     generator: torch.Generator
     step: int
     metrics: list[dict]
+    # config.json and metrics.jsonl are written at the first checkpoint that adds a step, never
+    # before: a resume that fails at once (a bad flag, a diverging first step, Ctrl-C) leaves
+    # the run's files as they were
+    files_written: bool = False
+    start_step: int = 0
 
 
 class Diverged(UserError):
@@ -92,9 +97,8 @@ class Diverged(UserError):
 def start_run(workdir: Path, input_path: str | None, cfg_flags: dict, tcfg: TrainConfig,
               split_seed: int, device: str) -> RunState:
     if (workdir / W.CHECKPOINT).exists():
-        step = checkpoint_step(workdir)
-        raise UserError(f"{workdir} already holds a run (at step {step}); continue it with "
-                        "--resume, or train into another -o WORKDIR")
+        raise UserError(f"{workdir} already holds a run (at step {checkpoint_step(workdir)}); "
+                        "continue it with --resume, or train into another -o WORKDIR")
     if (workdir / W.MODEL).exists():
         raise UserError(f"{workdir} already holds a trained model; train into another -o WORKDIR "
                         "(or delete this one)")
@@ -111,9 +115,6 @@ def start_run(workdir: Path, input_path: str | None, cfg_flags: dict, tcfg: Trai
     g = init_g if torch.device(device).type == "cpu" else \
         torch.Generator(device=device).manual_seed(tcfg.seed)
     config = make_config(cfg, tcfg, data, path, split_seed)
-    workdir.mkdir(parents=True, exist_ok=True)
-    W.write_text(workdir / W.CONFIG, json.dumps(config, indent=2, ensure_ascii=False))
-    W.atomic_write(workdir / W.METRICS, lambda tmp: tmp.write_text(""))
     return RunState(workdir, config, tcfg, cfg, data, params, g, 0, [])
 
 
@@ -121,31 +122,36 @@ def make_config(cfg: M.ModelConfig, tcfg: TrainConfig, data: Dataset, path: Path
                 split_seed: int) -> dict:
     sizes = {k: int(x.shape[0]) for k, (x, _) in data.splits.items()}
     return {"format": W.FORMAT, "model": cfg.to_dict(), "train": asdict(tcfg),
-            "data": {"input": str(path) if path else None, "split_seed": split_seed,
-                     "vocab": list(data.vocab.chars), "examples": sizes}}
+            "data": {"input": str(path) if path else None, "sha256": data.sha256,
+                     "split_seed": split_seed, "vocab": list(data.vocab.chars),
+                     "examples": sizes}}
 
 
 def resume_run(workdir: Path, input_path: str | None, cfg_flags: dict, train_flags: dict,
                split_seed: int | None, device: str) -> RunState:
+    """Load a run to continue it. Reads only: nothing in the directory changes until the
+    resumed run saves its first new checkpoint."""
     config = W.read_config(workdir)
     if not (workdir / W.CHECKPOINT).exists():
         raise UserError(f"{workdir} has no checkpoint to resume; start the run without --resume")
-    recorded = W.input_path(config)
-    if input_path and Path(input_path).resolve() != recorded.resolve():
-        raise UserError(f"-i {input_path} is not the file this run was trained on ({recorded}); "
-                        "drop -i to resume, or train into a new -o WORKDIR")
     check_same(config["model"], cfg_flags)
     check_same(config["train"], {k: v for k, v in train_flags.items() if k != "steps"})
     check_same(config["data"], {"split_seed": split_seed})
-    tcfg = TrainConfig(**config["train"])
+    tcfg = train_config(config, workdir)
     if train_flags.get("steps") is not None:
         tcfg = replace(tcfg, steps=train_flags["steps"])
     tcfg.validate()
-    data = W.load_data(config)
+    path = Path(input_path).resolve() if input_path else None
+    if path is not None and config["data"].get("sha256") is None and path != W.input_path(config).resolve():
+        raise UserError(f"-i {input_path} is not the file this run was trained on "
+                        f"({W.input_path(config)}); drop -i to resume, or train into a new -o WORKDIR")
+    data = W.load_data(config, path, takes_input=True)  # a moved file is fine if its bytes match
+    if path is not None:
+        config["data"]["input"] = str(path)
     cfg = M.ModelConfig(**config["model"])
     tensors = W.load_tensors(workdir / W.CHECKPOINT, "start the run without --resume")
     params = {k: v.to(device) for k, v in W.check_params(tensors, cfg, workdir / W.CHECKPOINT).items()}
-    meta = checkpoint_meta(workdir)
+    meta = W.checkpoint_meta(workdir)
     if meta.get("device", "cpu") != torch.device(device).type:
         raise UserError(f"the checkpoint was made on {meta['device']}; resume it with "
                         f"--device {meta['device']}")
@@ -164,9 +170,16 @@ def resume_run(workdir: Path, input_path: str | None, cfg_flags: dict, train_fla
         raise UserError(f"{workdir / W.METRICS} is missing steps before the checkpoint's step "
                         f"{step}; train again into a new -o WORKDIR")
     config["train"] = asdict(tcfg)
-    W.write_text(workdir / W.CONFIG, json.dumps(config, indent=2, ensure_ascii=False))
-    write_metrics(workdir, metrics)
-    return RunState(workdir, config, tcfg, cfg, data, params, g, step, metrics)
+    return RunState(workdir, config, tcfg, cfg, data, params, g, step, metrics, start_step=step)
+
+
+def train_config(config: dict, workdir: Path) -> TrainConfig:
+    recorded = config["train"]
+    fields = TrainConfig.__dataclass_fields__
+    if set(recorded) != set(fields) or not all(
+            isinstance(recorded[k], (int, float)) and not isinstance(recorded[k], bool) for k in fields):
+        raise W.bad_config(workdir / W.CONFIG, f"the train section needs numbers {sorted(fields)}")
+    return TrainConfig(**recorded)
 
 
 def check_same(recorded: dict, flags: dict) -> None:
@@ -177,28 +190,9 @@ def check_same(recorded: dict, flags: dict) -> None:
                             f"drop {flag} to resume it, or train into a new -o WORKDIR")
 
 
-def checkpoint_meta(workdir: Path) -> dict[str, str]:
-    from safetensors import safe_open
-    try:
-        with safe_open(str(workdir / W.CHECKPOINT), framework="pt") as f:
-            meta = f.metadata() or {}
-        int(meta["step"])
-        return meta
-    except Exception:
-        raise UserError(f"{workdir / W.CHECKPOINT} is corrupted or not a backprop-ninja checkpoint; "
-                        "train again into a new -o WORKDIR") from None
-
-
-def checkpoint_device(workdir: Path) -> str | None:
-    """The device a checkpoint was made on, if there is a readable one."""
-    if not (workdir / W.CHECKPOINT).exists():
-        return None
-    return checkpoint_meta(workdir).get("device")
-
-
 def checkpoint_step(workdir: Path) -> str:
     try:
-        return checkpoint_meta(workdir)["step"]
+        return W.checkpoint_meta(workdir)["step"]
     except UserError:
         return "unknown"
 
@@ -206,21 +200,15 @@ def checkpoint_step(workdir: Path) -> str:
 # ---------------------------------------------------------------------------------------------
 # saving
 
-def save_checkpoint(state: RunState) -> None:
-    tensors = dict(state.params)
-    tensors["rng_state"] = state.generator.get_state()
-    meta = {"step": str(state.step), "device": state.params["W1"].device.type}
-    W.save_tensors(state.workdir / W.CHECKPOINT, tensors, meta)
-
-
-def write_metrics(workdir: Path, rows: list[dict]) -> None:
-    text = "".join(json.dumps(r) + "\n" for r in rows)
-    W.atomic_write(workdir / W.METRICS, lambda tmp: tmp.write_text(text, encoding="utf-8"))
-
-
-def append_metrics(workdir: Path, rows: list[dict]) -> None:
-    with open(workdir / W.METRICS, "a", encoding="utf-8") as f:
-        f.write("".join(json.dumps(r) + "\n" for r in rows))
+def save_progress(state: RunState, unsaved: list[dict]) -> None:
+    """Checkpoint the run; the first time, also write its config and all its metrics so far."""
+    if state.files_written:
+        W.append_metrics(state.workdir, unsaved)
+    else:
+        W.write_config(state.workdir, state.config)
+        W.write_metrics(state.workdir, state.metrics)
+        state.files_written = True
+    W.save_checkpoint(state.workdir, state.params, state.generator, state.step)
 
 
 def save_model(state: RunState) -> tuple[float, float]:
@@ -232,28 +220,6 @@ def save_model(state: RunState) -> tuple[float, float]:
                    {"step": str(state.step)})
     Xva, Yva = (t.to(device) for t in state.data.splits["val"])
     return M.evaluate(state.params, Xtr, Ytr, stats), M.evaluate(state.params, Xva, Yva, stats)
-
-
-def write_loss_plot(path: Path, losses: list[float], title: str) -> None:
-    """log10 of the loss averaged over blocks of 1000 steps (fewer for short runs)."""
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    if not losses:
-        return
-    block = 1000 if len(losses) >= 2000 else max(1, len(losses) // 20)
-    t = torch.tensor(losses[: len(losses) // block * block], dtype=torch.float64).log10()
-    curve = t.view(-1, block).mean(1)
-    fig, ax = plt.subplots(figsize=(8, 4.5))
-    ax.plot((torch.arange(len(curve)) * block + block / 2).tolist(), curve.tolist())
-    ax.set_xlabel("step")
-    ax.set_ylabel(f"log10 loss (mean over {block} steps)")
-    ax.set_title(title)
-    ax.grid(alpha=0.3)
-    fig.tight_layout()
-    W.atomic_write(path, lambda tmp: fig.savefig(tmp, format="png", dpi=100))
-    plt.close(fig)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -294,11 +260,10 @@ def update_to_data(params: M.Params, grads: M.Params, lr: float) -> dict[str, fl
 
 def verify_grads(grads: M.Params, reference: M.Params, step: int) -> None:
     for name, ref in reference.items():
-        got = grads[name]
-        if got.shape != ref.shape or not torch.allclose(got, ref, rtol=1e-4, atol=1e-6):
-            diff = (got - ref).abs().max().item() if got.shape == ref.shape else float("nan")
+        row = compare(name, grads[name], ref)
+        if not row.approx:
             raise UserError(f"gradient check failed at step {step}: d{name} differs from autograd "
-                            f"(max abs diff {diff:.3g}); this is a bug, please report it")
+                            f"(max abs diff {row.maxdiff:.3g}); this is a bug, please report it")
 
 
 def run_loop(state: RunState, opts: Options) -> str:
@@ -316,6 +281,7 @@ def run_loop(state: RunState, opts: Options) -> str:
     last_good = state.step if (state.workdir / W.CHECKPOINT).exists() else None
     t0, s0 = time.perf_counter(), state.step
     probe_size = max(2, min(X.shape[0], 1024))
+    resumed = state.start_step > 0
 
     def flush() -> None:
         nonlocal pending
@@ -344,12 +310,13 @@ def run_loop(state: RunState, opts: Options) -> str:
         batch (the last update may have broken them even though the losses so far were fine)."""
         nonlocal unsaved, last_good
         flush()
+        if resumed and state.step == state.start_step:
+            return  # nothing new: the checkpoint on disk is this very state
         probe = M.forward(state.params, X[:probe_size], Y[:probe_size]).loss.item()
         if not (math.isfinite(probe) and all(torch.isfinite(p).all() for p in state.params.values())):
             raise diverged(probe, state.step)
-        append_metrics(state.workdir, unsaved)
+        save_progress(state, unsaved)
         unsaved = []
-        save_checkpoint(state)
         last_good = state.step
 
     try:
@@ -386,8 +353,7 @@ def run_loop(state: RunState, opts: Options) -> str:
 def train(state: RunState, opts: Options) -> str:
     outcome = run_loop(state, opts)
     train_loss, val_loss = save_model(state)
-    losses = [r["loss"] for r in state.metrics]
-    write_loss_plot(state.workdir / W.LOSS_PLOT, losses,
+    W.write_loss_plot(state.workdir / W.LOSS_PLOT, state.metrics,
                     f"{state.workdir.name}: n_hidden {state.cfg.n_hidden}, batch {state.tcfg.batch_size}")
     opts.log(f"step {state.step}: train loss {train_loss:.4f}, val loss {val_loss:.4f} "
              f"(batchnorm calibrated on the whole training set)")
