@@ -9,6 +9,7 @@ file whose items contain '.' still works: its '.' simply gets an index of its ow
 
 from __future__ import annotations
 
+import hashlib
 import random
 from dataclasses import dataclass
 from importlib import resources
@@ -29,6 +30,11 @@ def default_data_path() -> Path:
 
 def read_items(path: str | Path) -> list[str]:
     """Read a UTF-8 text file with one item per line; blank lines and edge whitespace are dropped."""
+    return load_items(path)[0]
+
+
+def load_items(path: str | Path) -> tuple[list[str], str]:
+    """``read_items``, and the SHA-256 of the file's bytes (a run records it, to notice edits)."""
     path = Path(path)
     if not path.exists():
         raise UserError(f"input file {path} does not exist; pass an existing file with -i FILE")
@@ -49,7 +55,7 @@ def read_items(path: str | Path) -> list[str]:
     if not items:
         raise UserError(f"input file {path} has no items (it is empty or blank); "
                         "it needs one item per line")
-    return items
+    return items, hashlib.sha256(raw).hexdigest()
 
 
 @dataclass(frozen=True)
@@ -119,15 +125,16 @@ class Dataset:
     block_size: int
     items: list[str]
     splits: dict[str, tuple[torch.Tensor, torch.Tensor]]
+    sha256: str  # of the file's bytes
 
     @classmethod
     def load(cls, path: str | Path, block_size: int = 3, seed: int = 42,
              vocab: Vocab | None = None) -> "Dataset":
         if block_size < 1:
             raise UserError(f"--block-size must be at least 1, got {block_size}")
-        items = read_items(path)
+        items, sha256 = load_items(path)
         vocab = vocab or Vocab.from_items(items)
         train, val, test = split_items(items, seed)
         splits = {name: build_examples(part, vocab, block_size)
                   for name, part in (("train", train), ("val", val), ("test", test))}
-        return cls(vocab, block_size, items, splits)
+        return cls(vocab, block_size, items, splits, sha256)

@@ -38,11 +38,20 @@ def cmd_train(args: argparse.Namespace) -> int:
             raise UserError(f"--{flag.replace('_', '-')} must be 0 or more, got {getattr(args, flag)}")
     if args.num_threads is not None and args.num_threads < 1:
         raise UserError(f"--num-threads must be at least 1, got {args.num_threads}")
+    if args.grad == "autograd" and args.check_grads:
+        raise UserError("--check-grads compares the hand-written gradients with autograd's; with "
+                        "--grad autograd it would compare autograd with itself: use --grad fast "
+                        "or eager with it")
     workdir = Path(args.out_dir)
     if workdir.exists() and not workdir.is_dir():
         raise UserError(f"-o {workdir} is a file, not a directory; pass a directory for the run")
+    with W.locked(workdir):
+        return train_locked(args, workdir)
+
+
+def train_locked(args: argparse.Namespace, workdir: Path) -> int:
     # a resumed run stays on the device its checkpoint (and its RNG state) was made on
-    device = resolve_device(args.device or (T.checkpoint_device(workdir) if args.resume else None))
+    device = resolve_device(args.device or (W.checkpoint_device(workdir) if args.resume else None))
     cfg_flags = {k: getattr(args, k) for k in MODEL_FLAGS}
     train_flags = {k: getattr(args, k) for k in TRAIN_FLAGS}
     if args.resume:
@@ -50,7 +59,8 @@ def cmd_train(args: argparse.Namespace) -> int:
     else:
         tcfg = T.TrainConfig(**{k: v for k, v in train_flags.items() if v is not None})
         cfg = {k: MODEL_DEFAULTS[k] if v is None else v for k, v in cfg_flags.items()}
-        state = T.start_run(workdir, args.input, cfg, tcfg, args.split_seed or SPLIT_SEED, device)
+        split_seed = SPLIT_SEED if args.split_seed is None else args.split_seed
+        state = T.start_run(workdir, args.input, cfg, tcfg, split_seed, device)
     threads = args.num_threads or T.auto_threads(state.tcfg.batch_size, state.cfg.n_hidden)
     torch.set_num_threads(threads)
     print(f"training {sum(p.numel() for p in state.params.values()):,} parameters on "

@@ -4,10 +4,13 @@
     model.safetensors       the parameters and the calibrated batchnorm statistics
     checkpoint.safetensors  parameters, step and batch-sampling RNG state, for --resume
     metrics.jsonl           one JSON line per step: step, loss, lr (+ val_loss, ud where measured)
-    loss.png                log10 of the loss, averaged per 1000 steps
+    loss.png                log10 of the loss, averaged per 1000 steps, and the val loss
+    .train.lock             held (an OS lock) by the train run using the directory, if any
 
 Tensors are stored as safetensors (no pickle). Every file is written to a temporary name and
-renamed into place, so a crash or a bad run never leaves a good file half-overwritten.
+renamed into place, so a crash or a bad run never leaves a good file half-overwritten. A train
+run holds an OS file lock on the directory for its whole life (the OS drops it when the process
+dies, so a killed run leaves no stale lock); eval, sample and plot only read and need no lock.
 """
 
 from __future__ import annotations
@@ -15,12 +18,17 @@ from __future__ import annotations
 import json
 import os
 import tempfile
+import time
+from contextlib import contextmanager
 from dataclasses import dataclass
 from functools import cached_property
 from pathlib import Path
+from typing import Iterator
 
 import torch
-from safetensors import SafetensorError
+from matplotlib.backends.backend_agg import FigureCanvasAgg
+from matplotlib.figure import Figure
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 
 from . import model as M
@@ -29,8 +37,34 @@ from .errors import UserError
 from .layers import BatchNormStats
 
 FORMAT = "backprop-ninja/1"
-CONFIG, MODEL, CHECKPOINT, METRICS, LOSS_PLOT = (
-    "config.json", "model.safetensors", "checkpoint.safetensors", "metrics.jsonl", "loss.png")
+CONFIG, MODEL, CHECKPOINT, METRICS, LOSS_PLOT, LOCK = (
+    "config.json", "model.safetensors", "checkpoint.safetensors", "metrics.jsonl", "loss.png",
+    ".train.lock")
+
+
+@contextmanager
+def locked(workdir: Path) -> Iterator[None]:
+    """Hold the directory's train lock; a second train run on it gets a one-line error.
+
+    An OS lock (flock) rather than a marker file: it dies with its process, so a run killed
+    with SIGKILL or a power cut never leaves a stale lock behind.
+    """
+    import fcntl
+
+    workdir.mkdir(parents=True, exist_ok=True)
+    fd = os.open(workdir / LOCK, os.O_RDWR | os.O_CREAT, 0o666)
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.pread(fd, 200, 0).decode("utf-8", "replace").strip() or "another process"
+            raise UserError(f"{workdir} is in use by a running train ({holder}); wait for it to "
+                            "finish, or train into another -o WORKDIR") from None
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"pid {os.getpid()}, started {time.strftime('%Y-%m-%d %H:%M:%S')}".encode(), 0)
+        yield
+    finally:
+        os.close(fd)  # closing the descriptor releases the lock
 
 
 def atomic_write(path: Path, write) -> None:
@@ -79,13 +113,42 @@ def read_config(workdir: Path) -> dict:
                         f"`backprop-ninja train -o {workdir}`")
     try:
         config = json.loads(path.read_text(encoding="utf-8"))
-        if not isinstance(config, dict) or config.get("format") != FORMAT:
-            raise ValueError(f"format {config.get('format')!r}")
-        M.ModelConfig(**config["model"])
-        return config
-    except (ValueError, KeyError, TypeError, AttributeError) as e:
-        raise UserError(f"{path} is not a backprop-ninja config ({e}); train again into a new "
-                        "-o WORKDIR") from None
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise bad_config(path, f"not JSON: {e}") from None
+    problem = config_problem(config)
+    if problem:
+        raise bad_config(path, problem)
+    return config
+
+
+def bad_config(path: Path, why: str) -> UserError:
+    return UserError(f"{path} is not a backprop-ninja config ({why}); train again into a new "
+                     "-o WORKDIR")
+
+
+def config_problem(config: object) -> str | None:
+    """What is wrong with a parsed config.json, or None. Checked field by field, so that a bad
+    file is reported as such and a bug in the code stays a bug."""
+    if not isinstance(config, dict):
+        return "not a JSON object"
+    if config.get("format") != FORMAT:
+        return f"format {config.get('format')!r}, expected {FORMAT!r}"
+    for section in ("model", "train", "data"):
+        if not isinstance(config.get(section), dict):
+            return f"no {section!r} section"
+    fields = set(M.ModelConfig.__dataclass_fields__)
+    model = config["model"]
+    if set(model) != fields or not all(type(v) is int and v > 0 for v in model.values()):
+        return f"the model section needs positive integers {sorted(fields)}"
+    data = config["data"]
+    if not (data.get("input") is None or isinstance(data.get("input"), str)):
+        return "data.input is not a path"
+    if type(data.get("split_seed")) is not int:
+        return "data.split_seed is not an integer"
+    vocab = data.get("vocab")
+    if not (isinstance(vocab, list) and all(isinstance(c, str) and len(c) == 1 for c in vocab)):
+        return "data.vocab is not a list of characters"
+    return None
 
 
 def input_path(config: dict) -> Path:
@@ -94,11 +157,27 @@ def input_path(config: dict) -> Path:
     return default_data_path() if recorded is None else Path(recorded)
 
 
-def load_data(config: dict) -> Dataset:
-    """Reload the run's data and check it still has the vocabulary the model was trained on."""
-    data = Dataset.load(input_path(config), block_size=config["model"]["block_size"],
+def load_data(config: dict, path: Path | None = None, takes_input: bool = False) -> Dataset:
+    """Reload the run's data (from ``path`` if given, else the recorded file) and check that it
+    is the file the model was trained on: same bytes (when the run recorded their hash; an
+    edit with the same alphabet would silently change the split) and same vocabulary.
+
+    ``takes_input``: the command has an -i flag, so the advice may say to pass one.
+    """
+    path = path or input_path(config)
+    if not path.is_file():
+        where = "pass its new location with -i FILE" if takes_input else "put it back there"
+        raise UserError(f"the input file this run was trained on, {path}, is missing; {where}")
+    data = Dataset.load(path, block_size=config["model"]["block_size"],
                         seed=config["data"]["split_seed"])
-    check_vocab(Vocab(tuple(config["data"]["vocab"])), data.vocab, input_path(config))
+    recorded = config["data"].get("sha256")
+    if recorded is not None and recorded != data.sha256:
+        where = "restore the original (or pass its location with -i FILE)" if takes_input else \
+            "restore the original"
+        raise UserError(f"{path} has changed since this run was trained on it (its SHA-256 "
+                        f"differs, so its split would too); {where}, or train a new run into "
+                        "a new -o WORKDIR")
+    check_vocab(Vocab(tuple(config["data"]["vocab"])), data.vocab, path)
     return data
 
 
@@ -174,3 +253,74 @@ def read_metrics(workdir: Path, before_step: int | None = None) -> list[dict]:
             break
         rows.append(row)
     return rows
+
+
+# ---------------------------------------------------------------------------------------------
+# what a train run writes as it goes
+
+def write_config(workdir: Path, config: dict) -> None:
+    write_text(workdir / CONFIG, json.dumps(config, indent=2, ensure_ascii=False))
+
+
+def save_checkpoint(workdir: Path, params: M.Params, generator: torch.Generator, step: int) -> None:
+    tensors = {**params, "rng_state": generator.get_state()}
+    meta = {"step": str(step), "device": next(iter(params.values())).device.type}
+    save_tensors(workdir / CHECKPOINT, tensors, meta)
+
+
+def checkpoint_meta(workdir: Path) -> dict[str, str]:
+    """The checkpoint's metadata (step, device); a one-line error if it is unreadable."""
+    path = workdir / CHECKPOINT
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            meta = f.metadata() or {}
+        int(meta["step"])
+        return meta
+    except (SafetensorError, OSError, KeyError, ValueError):
+        raise UserError(f"{path} is corrupted or not a backprop-ninja checkpoint; "
+                        "train again into a new -o WORKDIR") from None
+
+
+def checkpoint_device(workdir: Path) -> str | None:
+    """The device a checkpoint was made on, if there is a readable one."""
+    if not (workdir / CHECKPOINT).exists():
+        return None
+    return checkpoint_meta(workdir).get("device")
+
+
+def write_metrics(workdir: Path, rows: list[dict]) -> None:
+    text = "".join(json.dumps(r) + "\n" for r in rows)
+    atomic_write(workdir / METRICS, lambda tmp: tmp.write_text(text, encoding="utf-8"))
+
+
+def append_metrics(workdir: Path, rows: list[dict]) -> None:
+    with open(workdir / METRICS, "a", encoding="utf-8") as f:
+        f.write("".join(json.dumps(r) + "\n" for r in rows))
+
+
+def write_loss_plot(path: Path, metrics: list[dict], title: str) -> None:
+    """log10 of the training loss averaged over blocks of 1000 steps (fewer for short runs),
+    and the val loss where it was measured: a gap that opens between them is overfitting."""
+    if not metrics:
+        return
+    losses = [r["loss"] for r in metrics]
+    block = 1000 if len(losses) >= 2000 else max(1, len(losses) // 20)
+    t = torch.tensor(losses[: len(losses) // block * block], dtype=torch.float64).log10()
+    curve = t.view(-1, block).mean(1)
+    fig = Figure(figsize=(8, 4.5))
+    FigureCanvasAgg(fig)
+    ax = fig.add_subplot()
+    ax.plot((torch.arange(len(curve)) * block + block / 2).tolist(), curve.tolist(),
+            label=f"train (mean over {block} steps)")
+    val = [(r["step"] + 1, r["val_loss"]) for r in metrics if "val_loss" in r]
+    if val:
+        steps, values = zip(*val)
+        ax.plot(steps, torch.tensor(values, dtype=torch.float64).log10().tolist(), "o-",
+                label="val (batchnorm calibrated on the training set)")
+    ax.set_xlabel("step")
+    ax.set_ylabel("log10 loss")
+    ax.set_title(title)
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    atomic_write(path, lambda tmp: fig.savefig(tmp, format="png", dpi=100))
