@@ -8,6 +8,10 @@ from backprop_ninja import model as M
 from backprop_ninja.gradcheck import finite_difference_grads, relative_error
 
 
+KERNELS = ("a float32 bound measured on x86 CPU kernels (torch 2.13 CPU build); on other hardware "
+           "it may be exceeded while approx holds")
+
+
 @pytest.fixture(scope="module")
 def report():
     return A.run_check(A.lecture_check_setup())
@@ -23,17 +27,20 @@ def test_exercise1_all_26_match_autograd(report):
     assert [r.name for r in rows] == list(A.EXERCISE1_NAMES) and len(rows) == 26
     for r in rows:
         assert r.shape_ok, r
-        assert r.approx and r.maxdiff <= 1e-6, r
+        assert r.approx and r.maxdiff <= 1e-6, (r, KERNELS)
     # the lecture was bit-exact on every row, and so is this float32 CPU build
-    assert sum(r.exact for r in rows) == 26, [r.name for r in rows if not r.exact]
+    assert sum(r.exact for r in rows) == 26, (
+        "26/26 bit-exact is a figure of x86 CPU float32 kernels (torch 2.13 CPU build); on other "
+        "hardware exact equality may fail while approx holds: not exact:",
+        [r.name for r in rows if not r.exact])
 
 
 def test_fused_exercises_and_model_match_autograd(report):
     assert report.ok
     (ex2,) = report.tables["exercise2"]
     (ex3,) = report.tables["exercise3"]
-    assert ex2.name == "logits" and ex2.maxdiff <= 1e-7
-    assert ex3.name == "hprebn" and ex3.maxdiff <= 1e-7
+    assert ex2.name == "logits" and ex2.maxdiff <= 1e-7, (ex2, KERNELS)
+    assert ex3.name == "hprebn" and ex3.maxdiff <= 1e-7, (ex3, KERNELS)
     assert [r.name for r in report.tables["model"]] == list(M.PARAM_NAMES)
     assert all(r.approx and r.shape_ok for r in report.tables["model"])
 

@@ -46,6 +46,20 @@ def count_blanks(text: str) -> int:
     return len(re.findall(r"^\s+d\w+ = None  # TODO: ", text, flags=re.M))
 
 
+def fenced_answers(template: str) -> list[list[str]]:
+    """The stripped lines between each '# BLANK ...' and its '# END', one list per blank."""
+    answers, inside = [], False
+    for line in template.splitlines():
+        if line.strip().startswith("# BLANK "):
+            answers.append([])
+            inside = True
+        elif line.strip() == "# END":
+            inside = False
+        elif inside and line.strip():
+            answers[-1].append(line.strip())
+    return answers
+
+
 def import_file(path: Path):
     spec = importlib.util.spec_from_file_location("learner_under_test", path)
     module = importlib.util.module_from_spec(spec)
@@ -78,9 +92,14 @@ def test_starter_has_blanks_not_answers(number):
     assert count_blanks(starter) == n_blanks >= 1
     assert "# BLANK" not in starter + solution and "# END" not in starter + solution
     assert count_blanks(solution) == 0
-    # no line of an answer survives into the starter
-    answers = set(solution.splitlines()) - set(starter.splitlines())
-    assert answers and not answers & set(starter.splitlines())
+    # each blank's answer, read off the template's fences: in the solution, no line of it in the starter
+    answers = fenced_answers(E.template_text(number))
+    assert len(answers) == n_blanks and all(answers), answers
+    starter_lines = {l.strip() for l in starter.splitlines()}
+    solution_lines = {l.strip() for l in solution.splitlines()}
+    for answer in answers:
+        assert all(l in solution_lines for l in answer), answer
+        assert not [l for l in answer if l in starter_lines], answer
 
 
 def test_exercise1_starter_has_one_blank_per_gradient():
@@ -312,7 +331,7 @@ def test_keys_with_a_d_are_explained(tmp_path, capsys):
 def test_not_a_tensor(tmp_path, capsys):
     text = planted(2, 'return {"logits": dlogits}', 'return {"logits": dlogits.tolist()}')
     code, out = cli_check(2, write(tmp_path, text), capsys)
-    assert code == 1 and "dlogits is a list, not a tensor" in out
+    assert code == 1 and "dlogits is a list, not a torch tensor" in out
 
 
 def test_blanks_left_as_none(tmp_path, capsys):
@@ -383,8 +402,11 @@ def test_show_solution_prints_the_solution(capsys):
 
 
 def test_check_never_prints_the_solution(tmp_path, capsys, setup):
-    cli_check(1, write(tmp_path, E.starter_text(1)), capsys)
+    code, out = cli_check(1, write(tmp_path, E.starter_text(1)), capsys)
+    assert code == 1 and "dlogprobs is still None" in out
+    assert "h.T @ dlogits" not in out and "index_add_" not in out
     code, out = cli_check(1, write(tmp_path, planted(1, "dW2 = h.T @ dlogits", "dW2 = dlogits.T @ h")), capsys)
+    assert code == 1 and "first wrong: dW2" in out and "transpose" in out
     assert "h.T @ dlogits" not in out and "index_add_" not in out
 
 

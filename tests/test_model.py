@@ -65,7 +65,9 @@ def test_model_backward_float32_matches_autograd():
     ref = model_autograd_grads(params, X, Y)
     for k in M.PARAM_NAMES:
         assert grads[k].shape == ref[k].shape
-        assert (grads[k] - ref[k]).abs().max().item() <= 1e-6, k
+        assert (grads[k] - ref[k]).abs().max().item() <= 1e-6, (
+            k, "a float32 bound measured on x86 CPU kernels (torch 2.13 CPU build); on other "
+               "hardware it may be exceeded while approx holds")
 
 
 def test_given_statistics_equal_batch_statistics_when_they_are_the_batchs():

@@ -48,17 +48,41 @@ def fake_run(names, metrics):
     return SimpleNamespace(cfg=cfg, params=params, bn_stats=stats, data=names, metrics=metrics)
 
 
+def autograd_diagnostics(run, g: torch.Generator) -> dict[str, torch.Tensor]:
+    """hpreact, h and the gradients of the loss, written out in plain torch and autograd."""
+    Xtr, Ytr = run.data.splits["train"]
+    ix = torch.randint(0, Xtr.shape[0], (32,), generator=g)
+    X, Y = Xtr[ix], Ytr[ix]
+    p = {k: v.detach().clone().requires_grad_() for k, v in run.params.items()}
+    hprebn = p["C"][X].view(32, -1) @ p["W1"] + p["b1"]
+    mean, var = hprebn.mean(0, keepdim=True), hprebn.var(0, keepdim=True, unbiased=True)
+    hpreact = p["bngain"] * (hprebn - mean) / torch.sqrt(var + 1e-5) + p["bnbias"]
+    h = torch.tanh(hpreact)
+    loss = torch.nn.functional.cross_entropy(h @ p["W2"] + p["b2"], Y)
+    dh, dhpreact, *dparams = torch.autograd.grad(loss, [h, hpreact, *p.values()])
+    return {"hpreact": hpreact.detach(), "h": h.detach(), "dh": dh, "dhpreact": dhpreact,
+            **{"d" + k: v for k, v in zip(p, dparams)}}
+
+
 def test_diagnostics_of_a_fake_run(tmp_path, names):
     metrics = [{"step": s, "loss": 3.0, "lr": 0.1} for s in range(10)]
     for s in (3, 7):
         metrics[s]["ud"] = {k: -3.0 + 0.1 * s for k in M.PARAM_NAMES}
     out = tmp_path / "diag.png"
-    d = plots.plot_diagnostics(fake_run(names, metrics), out)
+    run = fake_run(names, metrics)
+    d = plots.plot_diagnostics(run, out)
     assert_png(out)
     assert d.activations["h"].shape == d.activations["hpreact"].shape == (32, 48)
-    torch.testing.assert_close(torch.tanh(d.activations["hpreact"]), d.activations["h"])
     assert d.activation_grads["dh"].shape == (32, 48)
     assert set(d.param_grads) == set(M.PARAM_NAMES)
+    # the same batch (32 rows drawn with seed 0) through the lecture's forward, by autograd
+    ref = autograd_diagnostics(run, torch.Generator().manual_seed(0))
+    for k in ("hpreact", "h"):
+        torch.testing.assert_close(d.activations[k], ref[k], msg=lambda m: f"{k}: {m}")
+    for k in ("dhpreact", "dh"):
+        torch.testing.assert_close(d.activation_grads[k], ref[k], msg=lambda m: f"{k}: {m}")
+    for k in M.PARAM_NAMES:
+        torch.testing.assert_close(d.param_grads[k], ref["d" + k], msg=lambda m: f"d{k}: {m}")
     assert d.ud["W1"] == [(3, pytest.approx(-2.7)), (7, pytest.approx(-2.3))]
 
 

@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from safetensors import safe_open
 from safetensors.torch import load_file
 
 from backprop_ninja import model as M
@@ -22,6 +23,16 @@ SMALL = ["--n-hidden", "32", "--no-progress", "--num-samples", "0"]
 def train(tmp_path: Path, name: str, *args: str) -> tuple[int, Path]:
     out = tmp_path / name
     return main(["train", "-o", str(out), *SMALL, *args]), out
+
+
+RUN_TO_RUN = ("two runs bit-exact is a figure of the CPU kernels (torch 2.13 CPU build); on other "
+              "hardware (a CUDA device's atomic adds, as in index_add_) it may fail while approx holds")
+
+
+def checkpoint_step(workdir: Path) -> int:
+    """The step recorded in the checkpoint's safetensors metadata."""
+    with safe_open(str(workdir / "checkpoint.safetensors"), framework="pt") as f:
+        return int(f.metadata()["step"])
 
 
 def lecture_setup(names, n_hidden=200, dtype=torch.float32):
@@ -160,7 +171,7 @@ def test_resume_equals_straight_and_runs_are_deterministic(tmp_path):
                  "--no-progress", "--num-samples", "0"]) == 0
     a, b, c = (load_file(str(tmp_path / d / "checkpoint.safetensors")) for d in ("straight", "again", "cut"))
     for k in a:
-        assert torch.equal(a[k], b[k]) and torch.equal(a[k], c[k]), k
+        assert torch.equal(a[k], b[k]) and torch.equal(a[k], c[k]), (k, RUN_TO_RUN)
     metrics = [(tmp_path / d / "metrics.jsonl").read_text() for d in ("straight", "again", "cut")]
     assert metrics[0] == metrics[1] == metrics[2]
 
@@ -189,7 +200,7 @@ def test_interrupt_saves_a_resumable_checkpoint(tmp_path):
     assert train(tmp_path, "straight", "--steps", total, "--eval-every", "0")[0] == 0
     a = load_file(str(out / "checkpoint.safetensors"))
     b = load_file(str(tmp_path / "straight" / "checkpoint.safetensors"))
-    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert all(torch.equal(a[k], b[k]) for k in a), RUN_TO_RUN
     assert not torch.equal(ckpt["W1"], a["W1"])
 
 
@@ -262,7 +273,7 @@ def test_resume_refusals_leave_the_checkpoint_untouched(good_run, capsys, tmp_pa
     one_line_error(capsys, main(resume + ["--n-hidden", "64"]), "--n-hidden 64 differs")
     # the training file changed its alphabet
     f.write_text(f.read_text() + "\nzoë\n")
-    one_line_error(capsys, main(resume), "vocabulary mismatch")
+    one_line_error(capsys, main(resume), "has changed since this run was trained on it")
     assert (out / "checkpoint.safetensors").read_bytes() == before
 
 
@@ -303,11 +314,17 @@ def test_divergence_stops_and_keeps_the_last_good_checkpoint(tmp_path, capsys, b
     rc, out = train(tmp_path, "run", "--steps", "400", "--eval-every", "0", "--checkpoint-every", "100",
                     "--lr-decay-step", str(blow_up_at), "--lr-decay-to", "1e30")
     one_line_error(capsys, rc, "the loss became", f"checkpoint at step {kept} is kept", "--lr")
-    meta_step = json.loads((out / "config.json").read_text())["train"]["steps"]
-    assert meta_step == 400
+    assert checkpoint_step(out) == kept
     ckpt = load_file(str(out / "checkpoint.safetensors"))
     assert all(torch.isfinite(v).all() for k, v in ckpt.items() if k != "rng_state")
     assert len((out / "metrics.jsonl").read_text().splitlines()) == kept
-    assert load_file(str(out / "checkpoint.safetensors")).keys() == ckpt.keys()
+    # it is the state of step `kept`: what a straight run to that step saves, before the blow-up
+    assert train(tmp_path, "straight", "--steps", str(kept), "--eval-every", "0")[0] == 0
+    straight = load_file(str(tmp_path / "straight" / "checkpoint.safetensors"))
+    assert ckpt.keys() == straight.keys()
+    for k in ckpt:
+        assert torch.equal(ckpt[k], straight[k]), (k, RUN_TO_RUN)
     if kept + 50 < blow_up_at:  # the kept checkpoint is healthy: it trains on from where it was
         assert main(["train", "-o", str(out), "--resume", "--steps", str(kept + 50), *SMALL[2:]]) == 0
+        assert checkpoint_step(out) == kept + 50
+        assert not torch.equal(load_file(str(out / "checkpoint.safetensors"))["W1"], ckpt["W1"])
