@@ -5,20 +5,28 @@ from types import SimpleNamespace
 
 import pytest
 
-from backprop_ninja import bench as B
+from backprop_ninja import models
 from backprop_ninja.cli import main
+from backprop_ninja.training import bench as B
+
+MLP = models.get("mlp")
+MLP_ROUTES = ["autograd", "lecture", "eager", "fast"]
 
 
-def test_bench_rows_and_json(capsys):
-    rows = B.bench("cpu", sizes=((8, 16),), repeats=1, memory=False, log=lambda s: None)
-    assert [r.impl for r in rows] == list(B.ROUTES)
+@pytest.mark.parametrize("name", sorted(models.MODELS))
+def test_bench_rows_and_json(name):
+    spec = models.get(name)
+    overrides = {"n_hidden": 16} if "n_hidden" in spec.flags() else {}
+    rows = B.bench(spec, "cpu", sizes=((8, overrides),), repeats=1, memory=False, log=lambda s: None)
+    assert [r.impl for r in rows] == (MLP_ROUTES if name == "mlp" else ["autograd", "eager", "fast"])
     by = {r.impl: r for r in rows}
     assert by["autograd"].ratio_vs_autograd == 1.0
     for r in rows:
-        assert r.batch == 8 and r.n_hidden == 16 and r.us_per_step > 0
+        assert r.batch == 8 and r.config == overrides and r.model == name and r.us_per_step > 0
         assert r.steps_per_s == pytest.approx(1e6 / r.us_per_step, rel=0.01)
     data = json.loads(B.rows_to_json(rows))
-    assert set(data[0]) >= {"impl", "batch", "n_hidden", "us_per_step", "ratio_vs_autograd", "peak_mem_bytes"}
+    assert set(data[0]) >= {"impl", "model", "batch", "config", "us_per_step", "ratio_vs_autograd",
+                            "peak_mem_bytes"}
     assert "vs autograd" in B.format_rows(rows)
 
 
@@ -43,16 +51,17 @@ def test_bench_figures_from_known_step_times(monkeypatch):
     us = {"autograd": 400.0, "lecture": 8000.0, "eager": 200.0, "fast": 125.0}
     clock = FakeClock()
     monkeypatch.setattr(B, "time", clock)
-    monkeypatch.setattr(B, "make_route", lambda name, *a: clock.route(us[name]))
-    rows = B.bench("cpu", sizes=((8, 16),), repeats=3, memory=False, log=lambda s: None)
+    monkeypatch.setattr(B, "make_route", lambda spec, name, *a: clock.route(us[name]))
+    rows = B.bench(MLP, "cpu", sizes=((8, {"n_hidden": 16}),), repeats=3, memory=False,
+                   log=lambda s: None)
     got = {r.impl: (r.us_per_step, r.steps_per_s, r.ratio_vs_autograd) for r in rows}
     assert got == {"autograd": (400.0, 2500.0, 1.0), "lecture": (8000.0, 125.0, 0.05),
                    "eager": (200.0, 5000.0, 2.0), "fast": (125.0, 8000.0, 3.2)}
 
 
 def test_peak_memory_is_measured_in_a_fresh_process():
-    small = B.peak_memory("fast", 64, 64, "cpu")
-    large = B.peak_memory("autograd", 2048, 512, "cpu")
+    small = B.peak_memory(MLP, "fast", 64, {"n_hidden": 64}, "cpu")
+    large = B.peak_memory(MLP, "autograd", 2048, {"n_hidden": 512}, "cpu")
     if small is None:
         pytest.skip("peak RSS cannot be reset on this system")
     assert 0 <= small < large
@@ -60,8 +69,9 @@ def test_peak_memory_is_measured_in_a_fresh_process():
 
 
 def test_bench_command_json(capsys, monkeypatch):
-    monkeypatch.setattr(B, "SIZES", ((8, 16),))
-    monkeypatch.setattr(B, "steps_for", lambda batch, n_hidden, name: 5)
-    assert main(["bench", "--json", "--repeats", "1", "--no-memory"]) == 0
+    monkeypatch.setattr(B, "steps_for", lambda work, name: 5)
+    assert main(["bench", "--type", "wavenet", "--quick", "--json", "--repeats", "1",
+                 "--no-memory"]) == 0
     rows = json.loads(capsys.readouterr().out)
-    assert [r["impl"] for r in rows] == list(B.ROUTES)
+    assert [r["impl"] for r in rows] == ["autograd", "eager", "fast"]
+    assert {r["model"] for r in rows} == {"wavenet"} and {r["batch"] for r in rows} == {32}

@@ -7,10 +7,10 @@ import numpy as np
 import pytest
 import torch
 
-from backprop_ninja import atomic as A
-from backprop_ninja import exercise as E
-from backprop_ninja.gradcheck import APPROX_ATOL, APPROX_RTOL, approx_equal, compare, format_table
-from backprop_ninja.train import verify_grads
+from backprop_ninja.checking import atomic as A
+from backprop_ninja.learning import checker as E
+from backprop_ninja.checking.gradcheck import APPROX_ATOL, APPROX_RTOL, approx_equal, compare, format_table
+from backprop_ninja.training.loop import verify_grads
 from backprop_ninja.errors import UserError
 
 REF = torch.full((4, 3), 0.25) * torch.tensor([1.0, -1.0, 0.5])  # all entries below 1
@@ -54,13 +54,15 @@ def test_approx_is_relative_to_the_tensor_scale_with_a_floor():
 
 def test_large_batch_model_check_has_no_false_alarm():
     """b1's true gradient is 0 under batchnorm: at batch 4096 both sides are noise."""
-    from backprop_ninja import model as M
+    from backprop_ninja.checking.models import autograd_param_grads
+    from backprop_ninja.models import mlp
+    from backprop_ninja.models.base import loss_and_grads
 
     g = torch.Generator().manual_seed(0)
-    params = M.init_params(M.ModelConfig(27, 3, 10, 256))
+    params = mlp.init(mlp.Config(27, 3, 10, 256), g)
     X, Y = torch.randint(0, 27, (4096, 3), generator=g), torch.randint(0, 27, (4096,), generator=g)
-    _, grads = M.loss_and_grads(params, X, Y)
-    reference = A.model_autograd_grads(params, X, Y)
+    _, grads = loss_and_grads(mlp.SPEC, params, X, Y)
+    reference = autograd_param_grads(mlp.SPEC, params, X, Y)
     assert all(compare(k, grads[k], reference[k]).approx for k in grads)
     verify_grads(grads, reference, step=0)  # --check-grads raises on a false alarm
 

@@ -3,7 +3,7 @@ import math
 import pytest
 import torch
 
-from backprop_ninja.gradcheck import compare, finite_difference_grads, format_table, relative_error
+from backprop_ninja.checking.gradcheck import compare, finite_difference_grads, format_table, relative_error
 
 
 def test_compare_reports_a_missing_keepdim_instead_of_broadcasting():

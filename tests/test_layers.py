@@ -2,24 +2,41 @@
 differences, with random upstream gradients, several batch sizes and widths (vocabularies)."""
 
 import inspect
+import pkgutil
+from importlib import import_module
 
 import pytest
 import torch
 from hypothesis import given, settings, strategies as st
 
-from backprop_ninja import layers as L
-from backprop_ninja.registry import REGISTRY, check_layer
+from backprop_ninja import nn
+from backprop_ninja.nn import embedding as E
+from backprop_ninja.nn import losses as X
+from backprop_ninja.nn import normalisation as N
+from backprop_ninja.nn.registry import REGISTRY, check_layer
 
 CASES = [(n, width) for n in (4, 7, 32) for width in (3, 27)]
 
 
+def layer_modules():
+    return [import_module(f"backprop_ninja.nn.{m.name}") for m in pkgutil.iter_modules(nn.__path__)
+            if m.name != "registry"]
+
+
 def test_every_layer_has_a_check():
-    pairs = {name[: -len("_forward")] for name, _ in inspect.getmembers(L, inspect.isfunction)
-             if name.endswith("_forward")}
-    assert pairs, "no layers found"
-    assert pairs == set(REGISTRY), f"layers without a registry entry: {pairs - set(REGISTRY)}"
-    for name in pairs:
-        assert hasattr(L, f"{name}_backward"), f"{name} has no backward"
+    pairs = {}
+    for module in layer_modules():
+        for name, fn in inspect.getmembers(module, inspect.isfunction):
+            if name.endswith("_forward") and fn.__module__ == module.__name__:
+                pairs[name[: -len("_forward")]] = module
+    assert len(pairs) >= 8, f"too few layers found: {sorted(pairs)}"
+    checked = {spec.layer for spec in REGISTRY.values()}
+    assert set(pairs) == checked, f"layers without a registry entry: {set(pairs) - checked}"
+    for name, module in pairs.items():
+        assert hasattr(module, f"{name}_backward"), f"{name} has no backward"
+    for spec in REGISTRY.values():  # each entry checks the pair it names
+        backward = getattr(pairs[spec.layer], f"{spec.layer}_backward")
+        assert spec.backward is backward, spec.name
 
 
 @pytest.mark.parametrize("name", sorted(REGISTRY))
@@ -56,8 +73,8 @@ def test_dlogits_rows_sum_to_zero(n, V, seed):
     g = torch.Generator().manual_seed(seed)
     logits = torch.randn(n, V, generator=g, dtype=torch.float64) * 3
     targets = torch.randint(0, V, (n,), generator=g)
-    _, cache = L.cross_entropy_forward(logits, targets)
-    (dlogits,) = L.cross_entropy_backward(1.0, cache)
+    _, cache = X.cross_entropy_forward(logits, targets)
+    (dlogits,) = X.cross_entropy_backward(1.0, cache)
     torch.testing.assert_close(dlogits.sum(1), torch.zeros(n, dtype=torch.float64), atol=1e-12, rtol=0)
     # the correct class is pulled up (negative gradient), every other one pushed down
     picked = dlogits[torch.arange(n), targets]
@@ -71,8 +88,8 @@ def test_batchnorm_dx_sums_to_zero_over_the_batch(n, H, seed):
     g = torch.Generator().manual_seed(seed)
     x = torch.randn(n, H, generator=g, dtype=torch.float64) * 2 + 1
     gain = torch.randn(1, H, generator=g, dtype=torch.float64) * 0.1 + 1
-    out, cache = L.batchnorm_forward(x, gain, torch.zeros(1, H, dtype=torch.float64))
-    dx, _, _ = L.batchnorm_backward(torch.randn(n, H, generator=g, dtype=torch.float64), cache)
+    out, cache = N.batchnorm_forward(x, gain, torch.zeros(1, H, dtype=torch.float64))
+    dx, _, _ = N.batchnorm_backward(torch.randn(n, H, generator=g, dtype=torch.float64), cache)
     # the output does not change when a constant is added to a column: dx is orthogonal to it
     torch.testing.assert_close(dx.sum(0), torch.zeros(H, dtype=torch.float64), atol=1e-10, rtol=0)
 
@@ -80,17 +97,19 @@ def test_batchnorm_dx_sums_to_zero_over_the_batch(n, H, seed):
 @settings(max_examples=25, deadline=None)
 @given(n=st.integers(1, 20), V=st.integers(1, 10), seed=st.integers(0, 2**31 - 1))
 def test_embedding_backward_equals_the_lecture_loop(n, V, seed):
-    from backprop_ninja.atomic import embedding_grad_loop
     g = torch.Generator().manual_seed(seed)
-    C = torch.randn(V, 4, generator=g, dtype=torch.float64)
     ix = torch.randint(0, V, (n, 3), generator=g)
     demb = torch.randn(n, 3, 4, generator=g, dtype=torch.float64)
-    (dC,) = L.embedding_backward(demb, L.EmbeddingCache(ix, V))
-    torch.testing.assert_close(dC, embedding_grad_loop(demb, ix, C), rtol=1e-12, atol=1e-12)
+    (dC,) = E.embedding_backward(demb, E.EmbeddingCache(ix, V))
+    loop = torch.zeros(V, 4, dtype=torch.float64)  # the lecture's double loop
+    for k in range(n):
+        for j in range(3):
+            loop[ix[k, j]] += demb[k, j]
+    torch.testing.assert_close(dC, loop, rtol=1e-12, atol=1e-12)
 
 
 def test_batch_of_one_is_rejected():
     from backprop_ninja.errors import UserError
     x = torch.randn(1, 4)
     with pytest.raises(UserError, match="at least 2"):
-        L.batchnorm_forward(x, torch.ones(1, 4), torch.zeros(1, 4))
+        N.batchnorm_forward(x, torch.ones(1, 4), torch.zeros(1, 4))

@@ -7,8 +7,9 @@ import matplotlib.image
 import pytest
 import torch
 
-from backprop_ninja import model as M
-from backprop_ninja import plots
+from backprop_ninja.models import mlp
+from backprop_ninja.models.base import calibrate
+from backprop_ninja.learning import plots
 from backprop_ninja.cli import main
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
@@ -42,10 +43,11 @@ def test_dlogits_rows_sum_to_zero_and_pull_up_the_target(tmp_path):
 
 
 def fake_run(names, metrics):
-    cfg = M.ModelConfig(names.vocab.size, 3, 10, 48)
-    params = M.init_params(cfg)
-    stats = M.calibrate(params, names.splits["train"][0][:1000])
-    return SimpleNamespace(cfg=cfg, params=params, bn_stats=stats, data=names, metrics=metrics)
+    cfg = mlp.Config(names.vocab.size, 3, 10, 48)
+    params = mlp.init(cfg, torch.Generator().manual_seed(mlp.LECTURE_SEED))
+    stats = calibrate(mlp.SPEC, params, names.splits["train"][0][:1000])
+    return SimpleNamespace(spec=mlp.SPEC, cfg=cfg, params=params, stats=stats, data=names,
+                           metrics=metrics)
 
 
 def autograd_diagnostics(run, g: torch.Generator) -> dict[str, torch.Tensor]:
@@ -67,21 +69,21 @@ def autograd_diagnostics(run, g: torch.Generator) -> dict[str, torch.Tensor]:
 def test_diagnostics_of_a_fake_run(tmp_path, names):
     metrics = [{"step": s, "loss": 3.0, "lr": 0.1} for s in range(10)]
     for s in (3, 7):
-        metrics[s]["ud"] = {k: -3.0 + 0.1 * s for k in M.PARAM_NAMES}
+        metrics[s]["ud"] = {k: -3.0 + 0.1 * s for k in mlp.PARAM_NAMES}
     out = tmp_path / "diag.png"
     run = fake_run(names, metrics)
     d = plots.plot_diagnostics(run, out)
     assert_png(out)
     assert d.activations["h"].shape == d.activations["hpreact"].shape == (32, 48)
     assert d.activation_grads["dh"].shape == (32, 48)
-    assert set(d.param_grads) == set(M.PARAM_NAMES)
+    assert set(d.param_grads) == set(mlp.PARAM_NAMES)
     # the same batch (32 rows drawn with seed 0) through the lecture's forward, by autograd
     ref = autograd_diagnostics(run, torch.Generator().manual_seed(0))
     for k in ("hpreact", "h"):
         torch.testing.assert_close(d.activations[k], ref[k], msg=lambda m: f"{k}: {m}")
     for k in ("dhpreact", "dh"):
         torch.testing.assert_close(d.activation_grads[k], ref[k], msg=lambda m: f"{k}: {m}")
-    for k in M.PARAM_NAMES:
+    for k in mlp.PARAM_NAMES:
         torch.testing.assert_close(d.param_grads[k], ref["d" + k], msg=lambda m: f"d{k}: {m}")
     assert d.ud["W1"] == [(3, pytest.approx(-2.7)), (7, pytest.approx(-2.3))]
 

@@ -3,23 +3,26 @@
 import pytest
 import torch
 
-from backprop_ninja import model as M
 from backprop_ninja.cli import main
-from backprop_ninja.layers import BatchNormStats
-from backprop_ninja.sample import sample_indices
+from backprop_ninja.models import mlp
+from backprop_ninja.nn.normalisation import BatchNormStats
+from backprop_ninja.training.sampling import sample_indices
 
 
 def random_model(V=7, T=3, H=8):
-    cfg = M.ModelConfig(V, T, 4, H)
-    params = M.init_params(cfg, seed=5)
-    stats = BatchNormStats(torch.zeros(1, H), torch.ones(1, H))
+    params = mlp.init(mlp.Config(V, T, 4, H), torch.Generator().manual_seed(5))
+    stats = {"bn": BatchNormStats(torch.zeros(1, H), torch.ones(1, H))}
     return params, stats
+
+
+def sample(params, stats, *args, **kwargs):
+    return sample_indices(mlp.SPEC, params, stats, *args, **kwargs)
 
 
 def test_samples_are_valid_and_stop_at_the_boundary():
     params, stats = random_model()
     g = torch.Generator().manual_seed(0)
-    items = sample_indices(params, stats, 3, 200, g, max_len=12)
+    items = sample(params, stats, 3, 200, g, max_len=12)
     assert len(items) == 200
     assert all(0 < ix < 7 for item in items for ix in item)  # the boundary never inside an item
     assert all(len(item) <= 12 for item in items)
@@ -28,7 +31,7 @@ def test_samples_are_valid_and_stop_at_the_boundary():
 
 def test_seeded_top_k_and_temperature():
     params, stats = random_model()
-    run = lambda seed, **kw: sample_indices(params, stats, 3, 30, torch.Generator().manual_seed(seed),
+    run = lambda seed, **kw: sample(params, stats, 3, 30, torch.Generator().manual_seed(seed),
                                             max_len=10, **kw)
     assert run(1) == run(1) and run(1) != run(2)
     greedy = run(3, top_k=1)

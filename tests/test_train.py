@@ -12,10 +12,14 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import load_file
 
-from backprop_ninja import model as M
-from backprop_ninja.atomic import model_autograd_grads
+from functools import lru_cache
+
+from backprop_ninja import models
+from backprop_ninja.checking.models import autograd_param_grads
 from backprop_ninja.cli import main
-from backprop_ninja.steps import STEPS, AutogradStep, EagerStep, FastStep
+from backprop_ninja.data import Dataset, default_data_path
+from backprop_ninja.models import mlp
+from backprop_ninja.training.steps import AutogradStep, EagerStep, make_step, routes
 
 SMALL = ["--n-hidden", "32", "--no-progress", "--num-samples", "0"]
 
@@ -35,10 +39,21 @@ def checkpoint_step(workdir: Path) -> int:
         return int(f.metadata()["step"])
 
 
-def lecture_setup(names, n_hidden=200, dtype=torch.float32):
-    X, Y = names.splits["train"]
-    cfg = M.ModelConfig(names.vocab.size, 3, 10, n_hidden)
-    return M.init_params(cfg, dtype=dtype), X, Y
+@lru_cache
+def training_examples(block_size: int):
+    return Dataset.load(default_data_path(), block_size=block_size).splits["train"]
+
+
+def setup(name="mlp", dtype=torch.float32, **overrides):
+    """A model of the zoo at its recipe's size (or overrides) and the names' training examples."""
+    spec = models.get(name)
+    cfg = spec.make_config(27, overrides)
+    params = {k: v.to(dtype) for k, v in spec.init(cfg, torch.Generator().manual_seed(5)).items()}
+    return (spec, params, *training_examples(spec.block_size(cfg)))
+
+
+STEP_ROUTES = [(name, route) for name in sorted(models.MODELS)
+               for route in routes(models.get(name)) if route != "autograd"]
 
 
 def batches(N, count, seed=0):
@@ -70,11 +85,11 @@ def run_without_graph(step_fn):
         torch.autograd.backward = real_backward
 
 
-@pytest.mark.parametrize("name", ["fast", "eager", "lecture"])
-def test_no_autograd_graph_in_a_step(names, name):
-    params, X, Y = lecture_setup(names)
+@pytest.mark.parametrize("name,route", STEP_ROUTES)
+def test_no_autograd_graph_in_a_step(name, route):
+    spec, params, X, Y = setup(name)
     # even handed parameters that ask for gradients, a step records nothing for autograd
-    step = STEPS[name]({k: v.requires_grad_(True) for k, v in params.items()}, X, Y, 32)
+    step = make_step(route, spec, {k: v.requires_grad_(True) for k, v in params.items()}, X, Y, 32)
     for ix in batches(X.shape[0], 3):
         loss = run_without_graph(lambda: step.step(ix, 0.1))
         assert loss.grad_fn is None and not loss.requires_grad
@@ -88,46 +103,58 @@ def test_no_autograd_graph_in_a_training_run(tmp_path, capsys):
     assert rc == 0 and (out / "model.safetensors").exists()
 
 
-def test_the_graph_detector_catches_autograd(names):
-    params, X, Y = lecture_setup(names)
-    step = AutogradStep(params, X, Y, 32)
+def test_the_graph_detector_catches_autograd():
+    spec, params, X, Y = setup()
+    step = AutogradStep(spec, params, X, Y, 32)
     with pytest.raises(GraphBuilt):
         run_without_graph(lambda: step.step(batches(X.shape[0], 1)[0], 0.1))
 
 
-def test_fast_step_gradients_float64_against_autograd(names):
-    params, X, Y = lecture_setup(names, n_hidden=16, dtype=torch.float64)
-    step = FastStep(params, X, Y, 32)
+FUSED = ["mlp", "wavenet"]  # the models with a fused step of their own
+
+
+def test_the_fused_steps_are_the_fused_ones():
+    for name in FUSED:
+        assert routes(models.get(name))["fast"] is not EagerStep, name
+
+
+@pytest.mark.parametrize("name,overrides", [("mlp", {"n_hidden": 16}), ("wavenet", {"n_hidden": 16})])
+def test_fast_step_gradients_float64_against_autograd(name, overrides):
+    spec, params, X, Y = setup(name, dtype=torch.float64, **overrides)
+    step = make_step("fast", spec, params, X, Y, 32)
     for ix in batches(X.shape[0], 3):
         loss = step.forward_backward(ix)
-        ref = model_autograd_grads(step.params, X[ix], Y[ix])
-        assert loss.item() == pytest.approx(M.forward(step.params, X[ix], Y[ix]).loss.item(), rel=1e-12)
-        for k in M.PARAM_NAMES:
+        ref = autograd_param_grads(spec, step.params, X[ix], Y[ix])
+        assert loss.item() == pytest.approx(spec.forward(step.params, X[ix], Y[ix]).loss.item(), rel=1e-12)
+        for k in params:
             assert step.grads[k].shape == ref[k].shape
             torch.testing.assert_close(step.grads[k], ref[k], rtol=1e-9, atol=1e-13)
-        step.flat.add_(step.flat_grad, alpha=-0.1)
+        step.buffers.sgd(0.1)
 
 
-def test_fast_equals_eager_over_many_steps(names):
-    params, X, Y = lecture_setup(names)
-    fast, eager = FastStep(params, X, Y, 32), EagerStep(params, X, Y, 32)
+@pytest.mark.parametrize("name", FUSED)
+def test_fast_equals_eager_over_many_steps(name):
+    spec, params, X, Y = setup(name)
+    fast, eager = make_step("fast", spec, params, X, Y, 32), EagerStep(spec, params, X, Y, 32)
     for i, ix in enumerate(batches(X.shape[0], 300)):
         a, b = fast.step(ix, 0.1), eager.step(ix, 0.1)
         assert a.item() == pytest.approx(b.item(), rel=1e-4, abs=1e-5), i
-    for k in M.PARAM_NAMES:
+    for k in params:
         torch.testing.assert_close(fast.params[k], eager.params[k], rtol=1e-4, atol=1e-4)
 
 
-def test_hand_written_and_autograd_runs_agree_for_1000_steps(names):
-    """The lecture's recipe, gradients by hand vs by loss.backward(): same losses to float noise."""
-    params, X, Y = lecture_setup(names)
-    fast, ref = FastStep(params, X, Y, 32), AutogradStep(params, X, Y, 32)
+@pytest.mark.parametrize("name,count", [("mlp", 1000), ("wavenet", 300), ("bigram", 300)])
+def test_hand_written_and_autograd_runs_agree(name, count):
+    """The recipe, gradients by hand vs by loss.backward(): same losses to float noise."""
+    spec, params, X, Y = setup(name)
+    lr = spec.recipe["lr"]
+    fast, ref = make_step("fast", spec, params, X, Y, 32), AutogradStep(spec, params, X, Y, 32)
     worst = 0.0
-    for ix in batches(X.shape[0], 1000, seed=1):
-        a, b = fast.step(ix, 0.1).item(), ref.step(ix, 0.1).item()
+    for ix in batches(X.shape[0], count, seed=1):
+        a, b = fast.step(ix, lr).item(), ref.step(ix, lr).item()
         worst = max(worst, abs(a - b))
     assert worst < 1e-3, worst
-    for k in M.PARAM_NAMES:
+    for k in params:
         torch.testing.assert_close(fast.params[k], ref.params[k].detach(), rtol=1e-3, atol=1e-3)
 
 
@@ -138,22 +165,23 @@ def test_check_grads_during_training_and_files(tmp_path, capsys):
                     "--diag-every", "50", "--checkpoint-every", "100")
     assert rc == 0
     config = json.loads((out / "config.json").read_text())
-    assert config["model"] == {"vocab_size": 27, "block_size": 3, "n_embd": 10, "n_hidden": 32}
+    assert config["model"] == {"type": "mlp", "vocab_size": 27, "block_size": 3, "n_embd": 10,
+                               "n_hidden": 32}
     assert config["train"]["steps"] == 250 and config["data"]["split_seed"] == 42
     assert config["data"]["input"] is None and len(config["data"]["vocab"]) == 26
     model = load_file(str(out / "model.safetensors"))
-    assert set(model) == set(M.PARAM_NAMES) | {"bn_mean", "bn_var"}
+    assert set(model) == set(mlp.PARAM_NAMES) | {"bn_mean", "bn_var"}
     assert model["bn_mean"].shape == (1, 32) and (model["bn_var"] > 0).all()
     ckpt = load_file(str(out / "checkpoint.safetensors"))
-    assert set(ckpt) == set(M.PARAM_NAMES) | {"rng_state"}
-    for k in M.PARAM_NAMES:
+    assert set(ckpt) == set(mlp.PARAM_NAMES) | {"rng_state"}
+    for k in mlp.PARAM_NAMES:
         assert torch.equal(ckpt[k], model[k])
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in rows] == list(range(250))
     assert all(set(r) >= {"step", "loss", "lr"} for r in rows)
     assert [r["step"] for r in rows if "val_loss" in r] == [99, 199]
     assert [r["step"] for r in rows if "ud" in r] == [49, 99, 149, 199, 249]
-    assert set(rows[49]["ud"]) == set(M.PARAM_NAMES)
+    assert set(rows[49]["ud"]) == set(mlp.PARAM_NAMES)
     assert (out / "loss.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     # eval reproduces the losses that train printed, from the saved files
     printed = capsys.readouterr().out

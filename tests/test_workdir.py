@@ -11,8 +11,8 @@ from pathlib import Path
 import matplotlib
 import pytest
 
-from backprop_ninja import steps as S
-from backprop_ninja import workdir as W
+from backprop_ninja.training import fused_mlp as S
+from backprop_ninja.training import workdir as W
 from backprop_ninja.cli import main
 
 SMALL = ["--n-hidden", "32", "--no-progress", "--num-samples", "0", "--eval-every", "0"]

@@ -3,7 +3,7 @@
 Figures are drawn on matplotlib's Agg canvas directly (no pyplot), so nothing global changes and
 no display is needed.
 
-Dimension letters: n batch, H n_hidden, V vocab size.
+Dimension letters: n batch, H hidden width, V vocab size.
 """
 
 from __future__ import annotations
@@ -19,11 +19,11 @@ from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 from torch import Tensor
 
-from . import atomic
-from . import layers as L
-from . import model as M
-from .data import BOUNDARY, Dataset, Vocab, default_data_path
-from .errors import UserError
+from ..checking import atomic
+from ..data import BOUNDARY, Dataset, Vocab, default_data_path
+from ..errors import UserError
+from ..models import mlp
+from ..models.base import ModelSpec, Params, Stats
 
 SATURATED = 0.97  # |tanh| above this passes almost no gradient back (the lecture's threshold)
 
@@ -54,7 +54,7 @@ def check_batch_dlogits(data_path: str | Path | None = None) -> tuple[Tensor, Te
     path = data_path or default_data_path()
     setup = atomic.lecture_check_setup(path)
     with torch.no_grad():
-        logits = M.forward(setup.params, setup.Xb).logits
+        logits = mlp.forward(setup.params, setup.Xb).logits
     return atomic.fused_dlogits(logits, setup.Yb), setup.Yb, setup.vocab
 
 
@@ -85,15 +85,16 @@ def plot_dlogits(out: str | Path, data_path: str | Path | None = None) -> Dlogit
 class RunLike(Protocol):
     """What the diagnostics read from a loaded run (``workdir.Run``)."""
 
-    cfg: M.ModelConfig
-    params: M.Params
-    bn_stats: L.BatchNormStats
+    spec: ModelSpec
+    cfg: object
+    params: Params
+    stats: Stats
     data: Dataset
     metrics: list[dict]
 
 
 def load_run_for_plot(workdir: str | Path) -> RunLike:
-    from .workdir import load_run
+    from ..training.workdir import load_run
 
     workdir = Path(workdir)
     if not workdir.is_dir():
@@ -109,10 +110,10 @@ def load_run_for_plot(workdir: str | Path) -> RunLike:
 class Diagnostics:
     """One training batch through the trained model, in training mode, and its gradients."""
 
-    activations: dict[str, Tensor]      # hpreact, h: n x H
-    activation_grads: dict[str, Tensor]  # dhpreact, dh: n x H
-    param_grads: M.Params
-    params: M.Params
+    activations: dict[str, Tensor]       # the model's named activations, e.g. hpreact, h
+    activation_grads: dict[str, Tensor]  # their gradients, d<name>
+    param_grads: Params
+    params: Params
     ud: dict[str, list[tuple[int, float]]]  # param name -> (step, log10 update:data)
 
 
@@ -120,12 +121,11 @@ def diagnose_run(run: RunLike, batch_size: int = 32, seed: int = 0) -> Diagnosti
     Xtr, Ytr = run.data.splits["train"]
     g = torch.Generator().manual_seed(seed)
     ix = torch.randint(0, Xtr.shape[0], (batch_size,), generator=g)
+    act_grads: dict[str, Tensor] = {}
     with torch.no_grad():
-        result = M.forward(run.params, Xtr[ix], Ytr[ix])
-        grads, act = M.backward_with_activations(result.cache)
-    bn = result.cache.bn
-    hpreact = bn.gain * bn.xhat + run.params["bnbias"]
-    return Diagnostics({"hpreact": hpreact, "h": result.h}, {"dhpreact": act["dhpreact"], "dh": act["dh"]},
+        result = run.spec.forward(run.params, Xtr[ix], Ytr[ix])
+        grads = run.spec.backward(result.cache, act_grads)
+    return Diagnostics(result.acts, {"d" + k: v for k, v in act_grads.items() if k in result.acts},
                        grads, run.params, update_ratios(run.metrics))
 
 
@@ -146,8 +146,7 @@ def plot_diagnostics(run: RunLike, out: str | Path) -> Diagnostics:
     activation_grad_panel(axes[0][1], d)
     param_grad_panel(axes[1][0], d)
     ud_panel(axes[1][1], d)
-    fig.suptitle(f"diagnostics of a trained run (n_hidden {run.cfg.n_hidden}), one training batch "
-                 "in training mode")
+    fig.suptitle(f"diagnostics of a trained {run.spec.name}, one training batch in training mode")
     fig.tight_layout()
     save(fig, out)
     return d
@@ -160,26 +159,29 @@ def histogram(ax, values: Tensor, label: str) -> None:
 
 
 def activation_panel(ax, d: Diagnostics) -> None:
-    h = d.activations["h"]
-    saturated = (h.abs() > SATURATED).float().mean().item()
-    hpreact = d.activations["hpreact"]
-    histogram(ax, hpreact, f"hpreact: mean {hpreact.mean():+.2f}, std {hpreact.std():.2f}")
-    histogram(ax, h, f"h = tanh(hpreact): std {h.std():.2f}, saturated (|h| > {SATURATED}) "
-                     f"{saturated:.1%}")
-    ax.set_title("activations: a wide hpreact saturates tanh, whose gradient then vanishes")
-    ax.legend(fontsize=8)
+    for name, act in d.activations.items():
+        label = f"{name}: mean {act.mean():+.2f}, std {act.std():.2f}"
+        if act.abs().max() <= 1:  # a tanh's output: how much of it is saturated
+            label += f", saturated (|x| > {SATURATED}) {(act.abs() > SATURATED).float().mean():.1%}"
+        histogram(ax, act, label)
+    ax.set_title("activations: a wide pre-activation saturates tanh, whose gradient then vanishes")
+    if d.activations:
+        ax.legend(fontsize=8)
 
 
 def activation_grad_panel(ax, d: Diagnostics) -> None:
     for name, grad in d.activation_grads.items():
         histogram(ax, grad, f"{name}: mean {grad.mean():+.1e}, std {grad.std():.1e}")
-    ax.set_title("gradients of the activations: dh, and dhpreact after tanh's (1 - h^2)")
-    ax.legend(fontsize=8)
+    ax.set_title("gradients of the activations (after tanh: times 1 - h^2)")
+    if d.activation_grads:
+        ax.legend(fontsize=8)
 
 
 def param_grad_panel(ax, d: Diagnostics) -> None:
-    for name in ("C", "W1", "W2"):  # the weight matrices; biases and gains are small vectors
-        grad, param = d.param_grads[name], d.params[name]
+    for name, param in d.params.items():
+        if param.ndim != 2:  # the weight matrices; biases and gains are small vectors
+            continue
+        grad = d.param_grads[name]
         ratio = grad.std().item() / max(param.std().item(), 1e-30)
         histogram(ax, grad, f"{name} {tuple(param.shape)}: grad std {grad.std():.1e}, "
                             f"grad:data {ratio:.1e}")
@@ -188,16 +190,15 @@ def param_grad_panel(ax, d: Diagnostics) -> None:
 
 
 def ud_panel(ax, d: Diagnostics) -> None:
-    for name in M.PARAM_NAMES:
+    for name in d.params:
         points = d.ud.get(name)
         if points:
             steps, values = zip(*points)
-            note = " (~0 gradient under batchnorm)" if name == "b1" else ""
-            ax.plot(steps, values, label=name + note)
+            ax.plot(steps, values, label=name)
     ax.axhline(-3, color="black", linestyle="--", linewidth=1, label="1e-3, a rough guide")
     ax.set_xlabel("step")
     ax.set_ylabel("log10( std(lr * grad) / std(param) )")
-    ax.set_title("update-to-data ratio over training")
+    ax.set_title("update-to-data ratio over training (a bias under batchnorm has ~0 gradient)")
     if not d.ud:
         ax.text(0.5, 0.5, "no update-to-data records in metrics.jsonl\n(train with --diag-every N)",
                 ha="center", va="center", transform=ax.transAxes)

@@ -1,9 +1,10 @@
-"""``backprop-ninja bench``: the training step by each route, timed in one process, interleaved.
+"""``backprop-ninja bench [--type NAME]``: a model's training step by each route, timed in one
+process, interleaved.
 
-Routes (see ``steps``): autograd (``loss.backward()``, the baseline), lecture (the lecture's
-manual backward with its Python loop for dC), eager (this project's layer-by-layer hand-written
-step) and fast (the fused step that ``train`` uses). Optionally ``compiled``: torch.compile of the
-eager step, with its compile time reported.
+Routes (see ``steps``): autograd (``loss.backward()``, the baseline), lecture (the MLP only: the
+lecture's manual backward with its Python loop for dC), eager (the model's layer-by-layer
+hand-written step) and fast (the fused step that ``train`` uses, where the model has one).
+Optionally ``compiled``: torch.compile of the eager step, with its compile time reported.
 
 Timing: every route runs on the same data, model and batches; rounds alternate between routes
 (so drift in machine speed hits all alike) and the median round is reported, with its ratio to
@@ -23,19 +24,19 @@ from pathlib import Path
 
 import torch
 
-from . import model as M
-from .steps import STEPS
-from .train import auto_threads
+from .. import models
+from ..models.base import ModelSpec, loss_and_grads
+from .loop import auto_threads
+from .steps import make_step, routes
 
-ROUTES = ("autograd", "lecture", "eager", "fast")
-SIZES = ((32, 200), (4096, 1024))  # (batch, n_hidden): the lecture's, and a large one
-
+VOCAB = 27  # the problems are shaped like names.txt
 
 @dataclass
 class Row:
     impl: str
+    model: str
     batch: int
-    n_hidden: int
+    config: dict  # the model's config where it differs from the recipe's
     us_per_step: float
     steps_per_s: float
     ratio_vs_autograd: float
@@ -45,26 +46,28 @@ class Row:
     note: str = ""
 
 
-def make_problem(batch: int, n_hidden: int, device: str, N: int = 182_625, V: int = 27,
-                 T: int = 3, seed: int = 0):
-    """Random examples shaped like the names' training split, and the lecture's initialisation."""
+def make_problem(spec: ModelSpec, batch: int, overrides: dict, device: str, N: int = 182_625,
+                 seed: int = 0):
+    """Random examples shaped like the names' training split, and the recipe's initialisation."""
+    cfg = spec.config(vocab_size=VOCAB, **{**spec.defaults(), **overrides})
     g = torch.Generator().manual_seed(seed)
-    X = torch.randint(0, V, (N, T), generator=g).to(device)
-    Y = torch.randint(0, V, (N,), generator=g).to(device)
-    params = M.init_params(M.ModelConfig(V, T, 10, n_hidden), device=device)
+    X = torch.randint(0, VOCAB, (N, spec.block_size(cfg)), generator=g).to(device)
+    Y = torch.randint(0, VOCAB, (N,), generator=g).to(device)
+    params = {k: v.to(device) for k, v in spec.init(cfg, g).items()}
     return params, X, Y
 
 
-def make_route(name: str, params, X, Y, batch: int):
+def make_route(spec: ModelSpec, name: str, params, X, Y, batch: int):
     if name == "compiled":
-        return CompiledStep(params, X, Y, batch)
-    return STEPS[name](params, X, Y, batch)
+        return CompiledStep(spec, params, X, Y, batch)
+    return make_step(name, spec, params, X, Y, batch)
 
 
 class CompiledStep:
     """torch.compile of the eager step (forward, hand-written backward, update) as one graph."""
 
-    def __init__(self, params, X, Y, batch):
+    def __init__(self, spec, params, X, Y, batch):
+        self.spec = spec
         self.params = {k: v.clone() for k, v in params.items()}
         self.X, self.Y = X, Y
         self.lr = torch.tensor(0.0, device=X.device)
@@ -75,7 +78,7 @@ class CompiledStep:
         self.compile_s = time.perf_counter() - t
 
     def _eager_step(self, ix, lr):
-        loss, grads = M.loss_and_grads(self.params, self.X[ix], self.Y[ix])
+        loss, grads = loss_and_grads(self.spec, self.params, self.X[ix], self.Y[ix])
         for name, p in self.params.items():
             p.sub_(grads[name] * lr)
         return loss
@@ -91,17 +94,17 @@ def sync(device: str) -> None:
         torch.cuda.synchronize()
 
 
-def time_routes(routes: dict, steps: dict[str, int], N: int, batch: int, device: str,
+def time_routes(built: dict, steps: dict[str, int], N: int, batch: int, device: str,
                 repeats: int) -> dict[str, float]:
     """Median microseconds per step of each route over interleaved rounds; in a round each
     route runs its own number of steps (fewer for slow routes) on the same batches."""
     g = torch.Generator(device=device).manual_seed(1)
     ix = [torch.randint(0, N, (batch,), generator=g, device=device) for _ in range(max(steps.values()))]
-    per_round: dict[str, list[float]] = {name: [] for name in routes}
-    names = list(routes)
+    per_round: dict[str, list[float]] = {name: [] for name in built}
+    names = list(built)
     for r in range(repeats + 1):  # round 0 warms up and is dropped
         for name in names[r % len(names):] + names[:r % len(names)]:
-            step, batches = routes[name].step, ix[:steps[name]]
+            step, batches = built[name].step, ix[:steps[name]]
             sync(device)
             t = time.perf_counter()
             for b in batches:
@@ -112,25 +115,29 @@ def time_routes(routes: dict, steps: dict[str, int], N: int, batch: int, device:
     return {name: statistics.median(v) for name, v in per_round.items()}
 
 
-def steps_for(batch: int, n_hidden: int, name: str) -> int:
+def steps_for(work: int, name: str) -> int:
     """Enough steps per round for a stable timing, few enough for the slow routes."""
-    if batch * n_hidden <= 1 << 16:
+    if work <= 1 << 16:
         return 40 if name == "lecture" else 400
     return 3 if name == "lecture" else 10
 
 
-def peak_memory(route: str, batch: int, n_hidden: int, device: str) -> int | None:
+def problem_work(params, batch: int) -> int:
+    return batch * max(max(p.shape) for p in params.values())
+
+
+def peak_memory(spec: ModelSpec, route: str, batch: int, overrides: dict, device: str) -> int | None:
     if device == "cuda":
-        params, X, Y = make_problem(batch, n_hidden, device)
+        params, X, Y = make_problem(spec, batch, overrides, device)
         torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()
         base = torch.cuda.memory_allocated()
-        step = make_route(route, params, X, Y, batch)
+        step = make_route(spec, route, params, X, Y, batch)
         run_steps(step, X.shape[0], batch, device, 3)
         torch.cuda.synchronize()
         return torch.cuda.max_memory_allocated() - base
     with mp.get_context("spawn").Pool(1) as pool:
-        return pool.apply(_cpu_peak_child, (route, batch, n_hidden, torch.get_num_threads()))
+        return pool.apply(_cpu_peak_child, (spec.name, route, batch, overrides, torch.get_num_threads()))
 
 
 def run_steps(step, N: int, batch: int, device: str, count: int) -> None:
@@ -139,14 +146,15 @@ def run_steps(step, N: int, batch: int, device: str, count: int) -> None:
         step.step(torch.randint(0, N, (batch,), generator=g, device=device), 0.01)
 
 
-def _cpu_peak_child(route: str, batch: int, n_hidden: int, threads: int) -> int | None:
+def _cpu_peak_child(model: str, route: str, batch: int, overrides: dict, threads: int) -> int | None:
     torch.set_num_threads(threads)
-    params, X, Y = make_problem(batch, n_hidden, "cpu")
-    run_steps(make_route("fast", params, X, Y, 2), X.shape[0], 2, "cpu", 1)  # load lazy kernels
+    spec = models.get(model)
+    params, X, Y = make_problem(spec, batch, overrides, "cpu")
+    run_steps(make_route(spec, "fast", params, X, Y, 2), X.shape[0], 2, "cpu", 1)  # load lazy kernels
     if not reset_peak_rss():
         return None
     base = read_status_kb("VmRSS")
-    step = make_route(route, params, X, Y, batch)
+    step = make_route(spec, route, params, X, Y, batch)
     run_steps(step, X.shape[0], batch, "cpu", 3)
     return (read_status_kb("VmHWM") - base) * 1024
 
@@ -167,32 +175,38 @@ def read_status_kb(field: str) -> int:
     raise OSError(f"{field} not in /proc/self/status")
 
 
-def bench(device: str = "cpu", sizes=SIZES, routes=ROUTES, repeats: int = 5,
+def bench(spec: ModelSpec, device: str = "cpu", sizes=None, repeats: int = 5,
           memory: bool = True, compile: bool = False, log=print) -> list[Row]:
+    """Every route of ``spec`` at each (batch, config overrides) size (default: the model's
+    ``bench_sizes``); a table per size to ``log``, the rows returned."""
     rows: list[Row] = []
-    names = list(routes) + (["compiled"] if compile else [])
-    for batch, n_hidden in sizes:
-        threads = auto_threads(batch, n_hidden) if device == "cpu" else torch.get_num_threads()
+    names = list(routes(spec)) + (["compiled"] if compile else [])
+    for batch, overrides in sizes or spec.bench_sizes:
+        params, X, Y = make_problem(spec, batch, overrides, device)
+        threads = auto_threads(batch, params) if device == "cpu" else torch.get_num_threads()
         torch.set_num_threads(threads)
-        params, X, Y = make_problem(batch, n_hidden, device)
-        built = {name: make_route(name, params, X, Y, batch) for name in names}
+        built = {name: make_route(spec, name, params, X, Y, batch) for name in names}
         note = {"compiled": f"compile {built['compiled'].compile_s:.1f} s"} if compile else {}
-        steps = {name: steps_for(batch, n_hidden, name) for name in names}
+        steps = {name: steps_for(problem_work(params, batch), name) for name in names}
         timings = time_routes(built, steps, X.shape[0], batch, device, repeats)
         base = timings.get("autograd")
+        size_rows = []
         for name in names:
             us = timings[name]
-            mem = peak_memory(name, batch, n_hidden, device) if memory and name != "compiled" else None
-            rows.append(Row(name, batch, n_hidden, round(us, 1), round(1e6 / us, 1),
-                            round(base / us, 2) if base else float("nan"), mem, threads, device,
-                            note.get(name, "")))
-        log(format_rows([r for r in rows if r.batch == batch and r.n_hidden == n_hidden]))
+            mem = peak_memory(spec, name, batch, overrides, device) \
+                if memory and name != "compiled" else None
+            size_rows.append(Row(name, spec.name, batch, dict(overrides), round(us, 1),
+                                 round(1e6 / us, 1), round(base / us, 2) if base else float("nan"),
+                                 mem, threads, device, note.get(name, "")))
+        log(format_rows(size_rows))
+        rows += size_rows
     return rows
 
 
 def format_rows(rows: list[Row]) -> str:
     r0 = rows[0]
-    lines = [f"batch {r0.batch}, n_hidden {r0.n_hidden} ({r0.device}, {r0.threads} thread(s)):",
+    config = "".join(f", {k} {v}" for k, v in r0.config.items())
+    lines = [f"{r0.model}, batch {r0.batch}{config} ({r0.device}, {r0.threads} thread(s)):",
              f"  {'route':<9} {'us/step':>10} {'steps/s':>9} {'vs autograd':>12} {'peak mem/step':>14}"]
     for r in rows:
         mem = "n/a" if r.peak_mem_bytes is None else f"{r.peak_mem_bytes / 2**20:.2f} MiB"

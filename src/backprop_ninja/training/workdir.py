@@ -2,6 +2,7 @@
 
     config.json             model and training config, vocabulary, input file, split seed
     model.safetensors       the parameters and the calibrated batchnorm statistics
+                            (<layer>_mean, <layer>_var)
     checkpoint.safetensors  parameters, step and batch-sampling RNG state, for --resume
     metrics.jsonl           one JSON line per step: step, loss, lr (+ val_loss, ud where measured)
     loss.png                log10 of the loss, averaged per 1000 steps, and the val loss
@@ -20,7 +21,7 @@ import os
 import tempfile
 import time
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from functools import cached_property
 from pathlib import Path
 from typing import Iterator
@@ -31,10 +32,11 @@ from matplotlib.figure import Figure
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 
-from . import model as M
-from .data import Dataset, Vocab, default_data_path
-from .errors import UserError
-from .layers import BatchNormStats
+from .. import models
+from ..data import Dataset, Vocab, default_data_path
+from ..errors import UserError
+from ..models.base import ModelSpec, Params, Stats
+from ..nn.normalisation import BatchNormStats
 
 FORMAT = "backprop-ninja/1"
 CONFIG, MODEL, CHECKPOINT, METRICS, LOSS_PLOT, LOCK = (
@@ -136,10 +138,13 @@ def config_problem(config: object) -> str | None:
     for section in ("model", "train", "data"):
         if not isinstance(config.get(section), dict):
             return f"no {section!r} section"
-    fields = set(M.ModelConfig.__dataclass_fields__)
-    model = config["model"]
+    model = dict(config["model"])
+    spec = models.MODELS.get(model.pop("type", models.DEFAULT))
+    if spec is None:
+        return f"model type {config['model']['type']!r} is not one of {', '.join(models.MODELS)}"
+    fields = set(spec.config.__dataclass_fields__)
     if set(model) != fields or not all(type(v) is int and v > 0 for v in model.values()):
-        return f"the model section needs positive integers {sorted(fields)}"
+        return f"the model section of a {spec.name} needs positive integers {sorted(fields)}"
     data = config["data"]
     if not (data.get("input") is None or isinstance(data.get("input"), str)):
         return "data.input is not a path"
@@ -189,8 +194,21 @@ def check_vocab(expected: Vocab, found: Vocab, path: Path) -> None:
                         f"and lacks {missing}; use the file the run was trained on, or a new -o WORKDIR")
 
 
-def check_params(tensors: dict[str, torch.Tensor], cfg: M.ModelConfig, path: Path) -> M.Params:
-    expected = {k: tuple(v.shape) for k, v in M.init_params(cfg, dtype=torch.float32).items()}
+def model_section(spec: ModelSpec, cfg) -> dict:
+    """config.json's "model": the type, then the config's fields."""
+    return {"type": spec.name, **asdict(cfg)}
+
+
+def model_from_config(config: dict) -> tuple[ModelSpec, object]:
+    """The model spec and config of a checked config.json (an untyped one is the lecture's MLP,
+    as written before the zoo)."""
+    fields = dict(config["model"])
+    spec = models.get(fields.pop("type", models.DEFAULT))
+    return spec, spec.config(**fields)
+
+
+def check_params(tensors: dict[str, torch.Tensor], spec: ModelSpec, cfg, path: Path) -> Params:
+    expected = {k: tuple(v.shape) for k, v in spec.init(cfg, torch.Generator()).items()}
     params = {}
     for name, shape in expected.items():
         if name not in tensors or tuple(tensors[name].shape) != shape:
@@ -200,15 +218,23 @@ def check_params(tensors: dict[str, torch.Tensor], cfg: M.ModelConfig, path: Pat
     return params
 
 
+def save_model(workdir: Path, params: Params, stats: Stats, step: int) -> None:
+    tensors = dict(params)
+    for name, s in stats.items():
+        tensors[f"{name}_mean"], tensors[f"{name}_var"] = s.mean, s.var
+    save_tensors(workdir / MODEL, tensors, {"step": str(step)})
+
+
 @dataclass
 class Run:
     """A trained run, loaded: what eval, sample and plot need."""
 
     workdir: Path
     config: dict
-    cfg: M.ModelConfig
-    params: M.Params
-    bn_stats: BatchNormStats
+    spec: ModelSpec
+    cfg: object
+    params: Params
+    stats: Stats
     metrics: list[dict]
 
     @cached_property
@@ -224,15 +250,19 @@ class Run:
 def load_run(workdir: str | Path, device: str | torch.device = "cpu") -> Run:
     workdir = Path(workdir)
     config = read_config(workdir)
-    cfg = M.ModelConfig(**config["model"])
+    spec, cfg = model_from_config(config)
     tensors = load_tensors(workdir / MODEL, "the run has no finished model; finish it with "
                            f"`backprop-ninja train -o {workdir} --resume`")
-    params = check_params(tensors, cfg, workdir / MODEL)
-    if "bn_mean" not in tensors or "bn_var" not in tensors:
-        raise UserError(f"{workdir / MODEL} has no batchnorm statistics; train again into a new -o WORKDIR")
-    stats = BatchNormStats(tensors["bn_mean"].to(device), tensors["bn_var"].to(device))
-    return Run(workdir, config, cfg, {k: v.to(device) for k, v in params.items()}, stats,
-               read_metrics(workdir))
+    params = {k: v.to(device) for k, v in check_params(tensors, spec, cfg, workdir / MODEL).items()}
+    stats = {name[:-len("_mean")]: BatchNormStats(tensors[name].to(device),
+                                                  tensors[name[:-len("_mean")] + "_var"].to(device))
+             for name in tensors if name.endswith("_mean") and name[:-len("_mean")] + "_var" in tensors}
+    probe = torch.zeros(2, spec.block_size(cfg), dtype=torch.long, device=device)
+    missing = [k for k in spec.forward(params, probe, stats=stats).norm_inputs if k not in stats]
+    if missing:
+        raise UserError(f"{workdir / MODEL} has no batchnorm statistics for {', '.join(missing)}; "
+                        "train again into a new -o WORKDIR")
+    return Run(workdir, config, spec, cfg, params, stats, read_metrics(workdir))
 
 
 def read_metrics(workdir: Path, before_step: int | None = None) -> list[dict]:
@@ -262,7 +292,7 @@ def write_config(workdir: Path, config: dict) -> None:
     write_text(workdir / CONFIG, json.dumps(config, indent=2, ensure_ascii=False))
 
 
-def save_checkpoint(workdir: Path, params: M.Params, generator: torch.Generator, step: int) -> None:
+def save_checkpoint(workdir: Path, params: Params, generator: torch.Generator, step: int) -> None:
     tensors = {**params, "rng_state": generator.get_state()}
     meta = {"step": str(step), "device": next(iter(params.values())).device.type}
     save_tensors(workdir / CHECKPOINT, tensors, meta)

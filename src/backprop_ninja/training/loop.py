@@ -1,4 +1,5 @@
-"""Exercise 4 as a trainer: SGD with hand-written gradients, checkpoints that resume exactly.
+"""Exercise 4 as a trainer, for every model of the zoo: SGD with hand-written gradients,
+checkpoints that resume exactly.
 
 On the CPU the batches are drawn from the generator that initialised the model, as in the
 lecture. Its state is part of every checkpoint, so a run cut into pieces with --resume gives
@@ -12,6 +13,7 @@ import os
 import signal
 import sys
 import time
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Callable
@@ -19,34 +21,40 @@ from typing import Callable
 import torch
 from tqdm import tqdm
 
-from . import model as M
+from .. import models
+from ..checking.gradcheck import compare
+from ..checking.models import autograd_param_grads
+from ..data import Dataset, default_data_path
+from ..errors import UserError
+from ..models.base import ModelSpec, Params, calibrate, evaluate, num_params
 from . import workdir as W
-from .atomic import model_autograd_grads
-from .data import Dataset, default_data_path
-from .errors import UserError
-from .gradcheck import compare
-from .layers import check_batch_size
-from .steps import STEPS
+from .steps import make_step
 
 FLUSH_EVERY = 100  # steps between fetches of the loss (one device sync per fetch)
+# The val loss logged during training calibrates batchnorm on the first this-many training
+# examples (the final figures use all of them): a WaveNet's calibration is a pass over the
+# data per batchnorm layer, which over all 182,625 examples would cost as much as ~10k steps.
+PROGRESS_CALIBRATION = 32_768
 
 
 @dataclass(frozen=True)
 class TrainConfig:
-    """What defines a run's trajectory; all but ``steps`` must match when it is resumed."""
+    """What defines a run's trajectory; all but ``steps`` must match when it is resumed. The
+    defaults are each model's recipe (``ModelSpec.recipe``)."""
 
-    steps: int = 200_000
-    batch_size: int = 32
-    lr: float = 0.1
-    lr_decay_step: int = 100_000
-    lr_decay_to: float = 0.01
-    seed: int = M.LECTURE_SEED
+    steps: int
+    batch_size: int
+    lr: float
+    lr_decay_step: int
+    lr_decay_to: float
+    seed: int
 
     def lr_at(self, step: int) -> float:
         return self.lr if step < self.lr_decay_step else self.lr_decay_to
 
     def validate(self) -> None:
-        check_batch_size(self.batch_size)
+        if self.batch_size < 1:
+            raise UserError(f"--batch-size must be at least 1, got {self.batch_size}")
         for name in ("steps", "lr_decay_step"):
             if getattr(self, name) < 0:
                 raise UserError(f"--{name.replace('_', '-')} must be 0 or more, got {getattr(self, name)}")
@@ -74,9 +82,10 @@ class RunState:
     workdir: Path
     config: dict
     tcfg: TrainConfig
-    cfg: M.ModelConfig
+    spec: ModelSpec
+    cfg: object  # the model's config dataclass
     data: Dataset
-    params: M.Params
+    params: Params
     generator: torch.Generator
     step: int
     metrics: list[dict]
@@ -94,8 +103,8 @@ class Diverged(UserError):
 # ---------------------------------------------------------------------------------------------
 # starting and resuming
 
-def start_run(workdir: Path, input_path: str | None, cfg_flags: dict, tcfg: TrainConfig,
-              split_seed: int, device: str) -> RunState:
+def start_run(workdir: Path, input_path: str | None, spec: ModelSpec, cfg_flags: dict,
+              tcfg: TrainConfig, split_seed: int, device: str) -> RunState:
     if (workdir / W.CHECKPOINT).exists():
         raise UserError(f"{workdir} already holds a run (at step {checkpoint_step(workdir)}); "
                         "continue it with --resume, or train into another -o WORKDIR")
@@ -104,37 +113,40 @@ def start_run(workdir: Path, input_path: str | None, cfg_flags: dict, tcfg: Trai
                         "(or delete this one)")
     tcfg.validate()
     path = Path(input_path).resolve() if input_path else None
-    data = Dataset.load(path or default_data_path(), block_size=cfg_flags["block_size"], seed=split_seed)
-    cfg = M.ModelConfig(vocab_size=data.vocab.size, **cfg_flags)
-    if cfg.n_embd < 1 or cfg.n_hidden < 1:
-        raise UserError("--n-embd and --n-hidden must be at least 1")
+    block_size = spec.block_size(spec.make_config(1, cfg_flags))
+    data = Dataset.load(path or default_data_path(), block_size=block_size, seed=split_seed)
+    cfg = spec.make_config(data.vocab.size, cfg_flags)
     # As in the lecture, the generator that initialised the model goes on to draw the batches.
     # On a GPU the batches need a generator there: a CUDA one with the same seed.
     init_g = torch.Generator().manual_seed(tcfg.seed)
-    params = M.init_params(cfg, generator=init_g, device=device)
+    params = {k: v.to(device) for k, v in spec.init(cfg, init_g).items()}
+    Xtr, Ytr = data.splits["train"]
+    with torch.no_grad():  # a model that cannot train on such a batch says so now, in one line
+        spec.forward(params, Xtr[:tcfg.batch_size].to(device), Ytr[:tcfg.batch_size].to(device))
     g = init_g if torch.device(device).type == "cpu" else \
         torch.Generator(device=device).manual_seed(tcfg.seed)
-    config = make_config(cfg, tcfg, data, path, split_seed)
-    return RunState(workdir, config, tcfg, cfg, data, params, g, 0, [])
+    config = make_config(spec, cfg, tcfg, data, path, split_seed)
+    return RunState(workdir, config, tcfg, spec, cfg, data, params, g, 0, [])
 
 
-def make_config(cfg: M.ModelConfig, tcfg: TrainConfig, data: Dataset, path: Path | None,
+def make_config(spec: ModelSpec, cfg, tcfg: TrainConfig, data: Dataset, path: Path | None,
                 split_seed: int) -> dict:
     sizes = {k: int(x.shape[0]) for k, (x, _) in data.splits.items()}
-    return {"format": W.FORMAT, "model": cfg.to_dict(), "train": asdict(tcfg),
+    return {"format": W.FORMAT, "model": W.model_section(spec, cfg), "train": asdict(tcfg),
             "data": {"input": str(path) if path else None, "sha256": data.sha256,
                      "split_seed": split_seed, "vocab": list(data.vocab.chars),
                      "examples": sizes}}
 
 
-def resume_run(workdir: Path, input_path: str | None, cfg_flags: dict, train_flags: dict,
-               split_seed: int | None, device: str) -> RunState:
+def resume_run(workdir: Path, input_path: str | None, model_type: str | None, cfg_flags: dict,
+               train_flags: dict, split_seed: int | None, device: str) -> RunState:
     """Load a run to continue it. Reads only: nothing in the directory changes until the
     resumed run saves its first new checkpoint."""
     config = W.read_config(workdir)
     if not (workdir / W.CHECKPOINT).exists():
         raise UserError(f"{workdir} has no checkpoint to resume; start the run without --resume")
-    check_same(config["model"], cfg_flags)
+    spec, cfg = W.model_from_config(config)
+    check_same(config["model"], {"type": model_type, **cfg_flags})
     check_same(config["train"], {k: v for k, v in train_flags.items() if k != "steps"})
     check_same(config["data"], {"split_seed": split_seed})
     tcfg = train_config(config, workdir)
@@ -148,9 +160,9 @@ def resume_run(workdir: Path, input_path: str | None, cfg_flags: dict, train_fla
     data = W.load_data(config, path, takes_input=True)  # a moved file is fine if its bytes match
     if path is not None:
         config["data"]["input"] = str(path)
-    cfg = M.ModelConfig(**config["model"])
     tensors = W.load_tensors(workdir / W.CHECKPOINT, "start the run without --resume")
-    params = {k: v.to(device) for k, v in W.check_params(tensors, cfg, workdir / W.CHECKPOINT).items()}
+    params = {k: v.to(device) for k, v in
+              W.check_params(tensors, spec, cfg, workdir / W.CHECKPOINT).items()}
     meta = W.checkpoint_meta(workdir)
     if meta.get("device", "cpu") != torch.device(device).type:
         raise UserError(f"the checkpoint was made on {meta['device']}; resume it with "
@@ -170,7 +182,8 @@ def resume_run(workdir: Path, input_path: str | None, cfg_flags: dict, train_fla
         raise UserError(f"{workdir / W.METRICS} is missing steps before the checkpoint's step "
                         f"{step}; train again into a new -o WORKDIR")
     config["train"] = asdict(tcfg)
-    return RunState(workdir, config, tcfg, cfg, data, params, g, step, metrics, start_step=step)
+    return RunState(workdir, config, tcfg, spec, cfg, data, params, g, step, metrics,
+                    start_step=step)
 
 
 def train_config(config: dict, workdir: Path) -> TrainConfig:
@@ -213,13 +226,14 @@ def save_progress(state: RunState, unsaved: list[dict]) -> None:
 
 def save_model(state: RunState) -> tuple[float, float]:
     """Calibrate batchnorm on the whole training set; save the model; return train/val loss."""
-    device = state.params["W1"].device
+    spec, device = state.spec, next(iter(state.params.values())).device
     Xtr, Ytr = (t.to(device) for t in state.data.splits["train"])
-    stats = M.calibrate(state.params, Xtr)
-    W.save_tensors(state.workdir / W.MODEL, {**state.params, "bn_mean": stats.mean, "bn_var": stats.var},
-                   {"step": str(state.step)})
     Xva, Yva = (t.to(device) for t in state.data.splits["val"])
-    return M.evaluate(state.params, Xtr, Ytr, stats), M.evaluate(state.params, Xva, Yva, stats)
+    with all_threads():
+        stats = calibrate(spec, state.params, Xtr)
+        W.save_model(state.workdir, state.params, stats, state.step)
+        return (evaluate(spec, state.params, Xtr, Ytr, stats),
+                evaluate(spec, state.params, Xva, Yva, stats))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -249,7 +263,7 @@ class StopFlag:
 
 
 @torch.no_grad()
-def update_to_data(params: M.Params, grads: M.Params, lr: float) -> dict[str, float]:
+def update_to_data(params: Params, grads: Params, lr: float) -> dict[str, float]:
     """log10 of std(lr * grad) / std(param) per parameter: the batchnorm lecture's diagnostic."""
     out = {}
     for name, p in params.items():
@@ -258,7 +272,7 @@ def update_to_data(params: M.Params, grads: M.Params, lr: float) -> dict[str, fl
     return out
 
 
-def verify_grads(grads: M.Params, reference: M.Params, step: int) -> None:
+def verify_grads(grads: Params, reference: Params, step: int) -> None:
     for name, ref in reference.items():
         row = compare(name, grads[name], ref)
         if not row.approx:
@@ -268,9 +282,9 @@ def verify_grads(grads: M.Params, reference: M.Params, step: int) -> None:
 
 def run_loop(state: RunState, opts: Options) -> str:
     """Train from state.step to tcfg.steps; return 'done' or 'interrupted'. Saves as it goes."""
-    tcfg, device = state.tcfg, state.params["W1"].device
+    tcfg, spec, device = state.tcfg, state.spec, next(iter(state.params.values())).device
     X, Y = (t.to(device) for t in state.data.splits["train"])
-    stepper = STEPS[opts.grad](state.params, X, Y, tcfg.batch_size)
+    stepper = make_step(opts.grad, spec, state.params, X, Y, tcfg.batch_size)
     state.params = stepper.params
     ix = torch.empty(tcfg.batch_size, dtype=torch.long, device=device)
     Xva, Yva = (t.to(device) for t in state.data.splits["val"])
@@ -312,7 +326,7 @@ def run_loop(state: RunState, opts: Options) -> str:
         flush()
         if resumed and state.step == state.start_step:
             return  # nothing new: the checkpoint on disk is this very state
-        probe = M.forward(state.params, X[:probe_size], Y[:probe_size]).loss.item()
+        probe = spec.forward(state.params, X[:probe_size], Y[:probe_size]).loss.item()
         if not (math.isfinite(probe) and all(torch.isfinite(p).all() for p in state.params.values())):
             raise diverged(probe, state.step)
         save_progress(state, unsaved)
@@ -325,7 +339,8 @@ def run_loop(state: RunState, opts: Options) -> str:
                 i = state.step
                 lr = tcfg.lr_at(i)
                 torch.randint(0, X.shape[0], (tcfg.batch_size,), generator=state.generator, out=ix)
-                reference = model_autograd_grads(state.params, X[ix], Y[ix]) if i < opts.check_grads else None
+                reference = autograd_param_grads(spec, state.params, X[ix], Y[ix]) \
+                    if i < opts.check_grads else None
                 pending.append(stepper.step(ix, lr))
                 if reference is not None:
                     verify_grads(stepper.grads, reference, i)
@@ -337,7 +352,7 @@ def run_loop(state: RunState, opts: Options) -> str:
                     state.metrics[-1]["ud"] = update_to_data(state.params, stepper.grads, lr)
                 if opts.eval_every and state.step % opts.eval_every == 0:
                     flush()
-                    val = M.evaluate(state.params, Xva, Yva, M.calibrate(state.params, X))
+                    val = progress_val_loss(spec, state.params, X, Xva, Yva)
                     state.metrics[-1]["val_loss"] = val
                     rate = (state.step - s0) / (time.perf_counter() - t0)
                     bar.write(f"step {state.step:>7}/{tcfg.steps}  loss {state.metrics[-1]['loss']:.4f}"
@@ -354,7 +369,7 @@ def train(state: RunState, opts: Options) -> str:
     outcome = run_loop(state, opts)
     train_loss, val_loss = save_model(state)
     W.write_loss_plot(state.workdir / W.LOSS_PLOT, state.metrics,
-                    f"{state.workdir.name}: n_hidden {state.cfg.n_hidden}, batch {state.tcfg.batch_size}")
+                    f"{state.workdir.name}: {describe(state)}")
     opts.log(f"step {state.step}: train loss {train_loss:.4f}, val loss {val_loss:.4f} "
              f"(batchnorm calibrated on the whole training set)")
     if outcome == "interrupted":
@@ -363,6 +378,33 @@ def train(state: RunState, opts: Options) -> str:
     return outcome
 
 
-def auto_threads(batch_size: int, n_hidden: int) -> int:
-    """One thread for the lecture's tiny tensors (threads cost more than they save), all otherwise."""
-    return 1 if batch_size * n_hidden <= 1 << 16 else (os.cpu_count() or 1)
+@contextmanager
+def all_threads():
+    """Every core for the big chunked passes of calibration and evaluation; the step's own
+    setting (often one thread, for tiny tensors) comes back afterwards."""
+    saved = torch.get_num_threads()
+    torch.set_num_threads(os.cpu_count() or 1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(saved)
+
+
+def progress_val_loss(spec: ModelSpec, params: Params, X: torch.Tensor, Xva: torch.Tensor,
+                      Yva: torch.Tensor) -> float:
+    with all_threads():
+        return evaluate(spec, params, Xva, Yva, calibrate(spec, params, X[:PROGRESS_CALIBRATION]))
+
+
+def describe(state: RunState) -> str:
+    """The model type, its config and the batch, for titles: 'mlp n_hidden 200, ..., batch 32'."""
+    fields = ", ".join(f"{k} {v}" for k, v in W.model_section(state.spec, state.cfg).items()
+                       if k not in ("type", "vocab_size"))
+    return f"{state.spec.name} {fields}{', ' if fields else ''}batch {state.tcfg.batch_size}"
+
+
+def auto_threads(batch_size: int, params: Params) -> int:
+    """One thread for tensors as small as the lecture's (threads cost more than they save there),
+    all cores otherwise: judged by the batch times the widest parameter dimension."""
+    widest = max(max(p.shape) for p in params.values())
+    return 1 if batch_size * widest <= 1 << 16 else (os.cpu_count() or 1)

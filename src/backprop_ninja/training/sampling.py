@@ -12,28 +12,27 @@ import math
 import torch
 from torch import Tensor
 
-from . import model as M
-from .errors import UserError
-from .layers import BatchNormStats
+from ..errors import UserError
+from ..models.base import ModelSpec, Params, Stats
 
 
 @torch.no_grad()
-def sample_indices(params: M.Params, bn_stats: BatchNormStats, block_size: int, num: int,
+def sample_indices(spec: ModelSpec, params: Params, stats: Stats, block_size: int, num: int,
                    generator: torch.Generator, max_len: int, temperature: float = 1.0,
                    top_k: int | None = None) -> list[list[int]]:
     """``num`` items as lists of vocabulary indices, without the closing boundary token."""
     if not (math.isfinite(temperature) and temperature > 0):
         raise UserError(f"--temperature must be a positive number, got {temperature}")
-    V = params["C"].shape[0]
+    device = next(iter(params.values())).device
+    context = torch.zeros(num, block_size, dtype=torch.long, device=device)
+    V = spec.forward(params, context[:1], stats=stats).logits.shape[-1]
     if top_k is not None and not 1 <= top_k <= V:
         raise UserError(f"--top-k must be between 1 and the vocabulary size {V}, got {top_k}")
-    device = params["C"].device
-    context = torch.zeros(num, block_size, dtype=torch.long, device=device)
     out = torch.zeros(num, max_len, dtype=torch.long, device=device)
     running = torch.ones(num, dtype=torch.bool, device=device)
     length = torch.full((num,), max_len, dtype=torch.long, device=device)
     for t in range(max_len):
-        logits = M.forward(params, context, bn_stats=bn_stats).logits / temperature
+        logits = spec.forward(params, context, stats=stats).logits / temperature
         probs = torch.softmax(restrict_top_k(logits, top_k), dim=1)
         ix = torch.multinomial(probs, 1, generator=generator).view(-1)
         ended = running & (ix == 0)

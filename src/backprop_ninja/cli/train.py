@@ -1,4 +1,4 @@
-"""The train, eval and sample commands."""
+"""The train, eval, sample and bench commands."""
 
 from __future__ import annotations
 
@@ -9,14 +9,14 @@ from pathlib import Path
 
 import torch
 
-from . import train as T
-from . import workdir as W
-from .errors import UserError
+from .. import models
+from ..errors import UserError
+from ..training import loop
+from ..training import workdir as W
+from .flags import add_model_flags, model_flags
 
 DEFAULT_WORKDIR = "out"
-MODEL_FLAGS = ("block_size", "n_embd", "n_hidden")
 TRAIN_FLAGS = ("steps", "batch_size", "lr", "lr_decay_step", "lr_decay_to", "seed")
-MODEL_DEFAULTS = {"block_size": 3, "n_embd": 10, "n_hidden": 200}
 SPLIT_SEED = 42
 MAX_SAMPLES = 100_000
 
@@ -52,25 +52,29 @@ def cmd_train(args: argparse.Namespace) -> int:
 def train_locked(args: argparse.Namespace, workdir: Path) -> int:
     # a resumed run stays on the device its checkpoint (and its RNG state) was made on
     device = resolve_device(args.device or (W.checkpoint_device(workdir) if args.resume else None))
-    cfg_flags = {k: getattr(args, k) for k in MODEL_FLAGS}
     train_flags = {k: getattr(args, k) for k in TRAIN_FLAGS}
     if args.resume:
-        state = T.resume_run(workdir, args.input, cfg_flags, train_flags, args.split_seed, device)
+        spec = W.model_from_config(W.read_config(workdir))[0]
+        state = loop.resume_run(workdir, args.input, args.type, model_flags(args, spec),
+                                train_flags, args.split_seed, device)
     else:
-        tcfg = T.TrainConfig(**{k: v for k, v in train_flags.items() if v is not None})
-        cfg = {k: MODEL_DEFAULTS[k] if v is None else v for k, v in cfg_flags.items()}
+        spec = models.get(args.type or models.DEFAULT)
+        flags = model_flags(args, spec)
+        spec.make_config(1, flags)  # a bad flag fails before the data is read
+        tcfg = loop.TrainConfig(**{**spec.recipe, **{k: v for k, v in train_flags.items()
+                                                     if v is not None}})
         split_seed = SPLIT_SEED if args.split_seed is None else args.split_seed
-        state = T.start_run(workdir, args.input, cfg, tcfg, split_seed, device)
-    threads = args.num_threads or T.auto_threads(state.tcfg.batch_size, state.cfg.n_hidden)
+        state = loop.start_run(workdir, args.input, spec, flags, tcfg, split_seed, device)
+    threads = args.num_threads or loop.auto_threads(state.tcfg.batch_size, state.params)
     torch.set_num_threads(threads)
-    print(f"training {sum(p.numel() for p in state.params.values()):,} parameters on "
-          f"{len(state.data.items):,} items ({state.data.vocab.size} symbols) from step "
-          f"{state.step} to {state.tcfg.steps}; gradients: {args.grad}; {device}, {threads} thread(s); "
-          f"writing to {workdir}")
-    opts = T.Options(grad=args.grad, eval_every=args.eval_every,
-                     checkpoint_every=args.checkpoint_every, diag_every=args.diag_every,
-                     check_grads=args.check_grads, progress=not args.no_progress)
-    outcome = T.train(state, opts)
+    print(f"training a {spec.name} of {sum(p.numel() for p in state.params.values()):,} parameters "
+          f"on {len(state.data.items):,} items ({state.data.vocab.size} symbols) from step "
+          f"{state.step} to {state.tcfg.steps}; gradients: {args.grad}; {device}, "
+          f"{threads} thread(s); writing to {workdir}")
+    opts = loop.Options(grad=args.grad, eval_every=args.eval_every,
+                        checkpoint_every=args.checkpoint_every, diag_every=args.diag_every,
+                        check_grads=args.check_grads, progress=not args.no_progress)
+    outcome = loop.train(state, opts)
     if outcome == "interrupted":
         return 130
     if args.num_samples:
@@ -80,14 +84,14 @@ def train_locked(args: argparse.Namespace, workdir: Path) -> int:
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
-    from . import model as M
+    from ..models.base import evaluate
 
     device = resolve_device(args.device)
     run = W.load_run(args.out_dir, device)
     result = {}
     for split in ("train", "val", "test"):
         X, Y = (t.to(device) for t in run.data.splits[split])
-        result[split] = M.evaluate(run.params, X, Y, run.bn_stats)
+        result[split] = evaluate(run.spec, run.params, X, Y, run.stats)
     if args.json:
         print(json.dumps(result))
     else:
@@ -103,7 +107,7 @@ def cmd_sample(args: argparse.Namespace) -> int:
 
 def print_samples(workdir: Path, num: int, seed: int | None, temperature: float,
                   top_k: int | None, device: str) -> int:
-    from .sample import sample_indices
+    from ..training.sampling import sample_indices
 
     if not 1 <= num <= MAX_SAMPLES:
         raise UserError(f"-n must be between 1 and {MAX_SAMPLES:,}, got {num}; "
@@ -113,8 +117,8 @@ def print_samples(workdir: Path, num: int, seed: int | None, temperature: float,
     g = torch.Generator(device=device)
     g.manual_seed(seed) if seed is not None else g.seed()
     max_len = 2 * max(len(w) for w in items) + 10
-    samples = sample_indices(run.params, run.bn_stats, run.cfg.block_size, num, g, max_len,
-                             temperature, top_k)
+    samples = sample_indices(run.spec, run.params, run.stats, run.spec.block_size(run.cfg), num,
+                             g, max_len, temperature, top_k)
     texts = [run.vocab.decode(s) for s in samples]
     for text in texts:
         print(text)
@@ -124,28 +128,43 @@ def print_samples(workdir: Path, num: int, seed: int | None, temperature: float,
     return 0
 
 
+def cmd_bench(args: argparse.Namespace) -> int:
+    from ..training import bench as B
+
+    if args.repeats < 1:
+        raise UserError(f"--repeats must be at least 1, got {args.repeats}")
+    spec = models.get(args.type)
+    device = resolve_device(args.device)
+    sizes = spec.bench_sizes[:1] if args.quick else None
+    rows = B.bench(spec, device, sizes=sizes, repeats=args.repeats, memory=not args.no_memory,
+                   compile=args.compile, log=(lambda s: None) if args.json else print)
+    if args.json:
+        print(B.rows_to_json(rows))
+    return 0
+
+
 def register(sub) -> None:
-    register_train(sub)
-    register_bench(sub)
-
-
-def register_train(sub) -> None:
-    p = sub.add_parser("train", help="train with hand-written gradients (the lecture's recipe by default)")
-    p.add_argument("-i", "--input", default=None,
+    types = ", ".join(models.MODELS)
+    p = sub.add_parser("train", help="train a model with hand-written gradients (by default the "
+                                     "lecture's MLP with its recipe)")
+    p.add_argument("--type", default=None, metavar="NAME",
+                   help=f"model type: {types} (default {models.DEFAULT}; a resumed run keeps its own)")
+    p.add_argument("-i", "--input", "--input-file", dest="input", default=None,
                    help="UTF-8 text file, one item per line (default: the bundled names.txt)")
-    p.add_argument("-o", "--out-dir", default=DEFAULT_WORKDIR,
+    p.add_argument("-o", "--out-dir", "--work-dir", dest="out_dir", default=DEFAULT_WORKDIR,
                    help=f"work directory for the model, checkpoint and logs (default: {DEFAULT_WORKDIR})")
     p.add_argument("--resume", action="store_true",
                    help="continue the run in --out-dir from its checkpoint up to --steps in total")
-    p.add_argument("--steps", type=int, default=None, help="total SGD steps (default 200000)")
-    p.add_argument("--batch-size", type=int, default=None, help="examples per step (default 32)")
-    p.add_argument("--n-embd", type=int, default=None, help="embedding size per character (default 10)")
-    p.add_argument("--n-hidden", type=int, default=None, help="hidden units (default 200)")
-    p.add_argument("--block-size", type=int, default=None, help="context length (default 3)")
-    p.add_argument("--lr", type=float, default=None, help="learning rate (default 0.1)")
+    p.add_argument("--steps", "--max-steps", dest="steps", type=int, default=None,
+                   help="total SGD steps (default: the model's recipe, 200000 for mlp)")
+    p.add_argument("--batch-size", type=int, default=None, help="examples per step (recipe: 32)")
+    add_model_flags(p, "(default: the model's recipe)")
+    p.add_argument("--lr", "--learning-rate", dest="lr", type=float, default=None,
+                   help="learning rate (recipe: 0.1)")
     p.add_argument("--lr-decay-step", type=int, default=None,
-                   help="step from which --lr-decay-to is used (default 100000)")
-    p.add_argument("--lr-decay-to", type=float, default=None, help="learning rate after the decay step (default 0.01)")
+                   help="step from which --lr-decay-to is used (recipe: 100000 for mlp)")
+    p.add_argument("--lr-decay-to", type=float, default=None,
+                   help="learning rate after the decay step (recipe: 0.01)")
     p.add_argument("--seed", type=int, default=None,
                    help="seed of the initialisation and of batch sampling (default 2147483647)")
     p.add_argument("--split-seed", type=int, default=None, help="seed of the 80/10/10 item split (default 42)")
@@ -167,13 +186,15 @@ def register_train(sub) -> None:
     p.set_defaults(func=cmd_train)
 
     p = sub.add_parser("eval", help="train/val/test loss of a trained run")
-    p.add_argument("-o", "--out-dir", default=DEFAULT_WORKDIR, help="the run's work directory")
+    p.add_argument("-o", "--out-dir", "--work-dir", dest="out_dir", default=DEFAULT_WORKDIR,
+                   help="the run's work directory")
     p.add_argument("--json", action="store_true", help='print {"train": .., "val": .., "test": ..}')
     p.add_argument("--device", choices=("cpu", "cuda"), default=None)
     p.set_defaults(func=cmd_eval)
 
     p = sub.add_parser("sample", help="generate items from a trained run")
-    p.add_argument("-o", "--out-dir", default=DEFAULT_WORKDIR, help="the run's work directory")
+    p.add_argument("-o", "--out-dir", "--work-dir", dest="out_dir", default=DEFAULT_WORKDIR,
+                   help="the run's work directory")
     p.add_argument("-n", "--num-samples", type=int, default=20, help="how many items (default 20)")
     p.add_argument("--seed", type=int, default=None, help="sampling seed (default: random)")
     p.add_argument("--temperature", type=float, default=1.0, help="softmax temperature (default 1)")
@@ -181,27 +202,13 @@ def register_train(sub) -> None:
     p.add_argument("--device", choices=("cpu", "cuda"), default=None)
     p.set_defaults(func=cmd_sample)
 
-
-def cmd_bench(args: argparse.Namespace) -> int:
-    from . import bench as B
-
-    if args.repeats < 1:
-        raise UserError(f"--repeats must be at least 1, got {args.repeats}")
-    device = resolve_device(args.device)
-    sizes = B.SIZES if not args.quick else ((32, 200), (256, 256))
-    rows = B.bench(device, sizes=sizes, repeats=args.repeats, memory=not args.no_memory,
-                   compile=args.compile, log=(lambda s: None) if args.json else print)
-    if args.json:
-        print(B.rows_to_json(rows))
-    return 0
-
-
-def register_bench(sub) -> None:
-    p = sub.add_parser("bench", help="time a training step by autograd, the lecture's loop, "
-                                     "eager and fast hand-written gradients")
+    p = sub.add_parser("bench", help="time a model's training step by autograd and by its "
+                                     "hand-written routes")
+    p.add_argument("--type", default=models.DEFAULT, metavar="NAME",
+                   help=f"model type: {types} (default {models.DEFAULT})")
     p.add_argument("--json", action="store_true", help="print the rows as a JSON list")
     p.add_argument("--repeats", type=int, default=5, help="timed rounds per route (median reported)")
-    p.add_argument("--quick", action="store_true", help="a smaller large size (for a quick look)")
+    p.add_argument("--quick", action="store_true", help="only the model's recipe size")
     p.add_argument("--no-memory", action="store_true", help="skip the peak-memory measurements")
     p.add_argument("--compile", action="store_true",
                    help="also time torch.compile of the eager step (reports its compile time)")

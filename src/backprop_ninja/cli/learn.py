@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from .errors import UserError
+from ..errors import UserError
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -43,25 +43,25 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def cmd_exercise(args: argparse.Namespace) -> int:
-    from . import exercise
+    from ..learning import checker, exercises
 
     if args.force and not args.init:
         raise UserError("--force only goes with --init FILE")
     if args.show_solution:
-        print(exercise.solution_text(args.number), end="")
+        print(exercises.solution_text(args.number), end="")
         return 0
     if args.init:
-        path = exercise.write_starter(args.number, args.init, force=args.force)
+        path = exercises.write_starter(args.number, args.init, force=args.force)
         print(f"wrote {path}: fill in the blanks (d<name> = None), then run:\n"
               f"  backprop-ninja exercise {args.number} --check {path}")
         return 0
-    result = exercise.check(args.number, args.check, args.input)
+    result = checker.check(args.number, args.check, args.input)
     print(result.text)
     return 0 if result.ok else 1
 
 
 def cmd_plot_dlogits(args: argparse.Namespace) -> int:
-    from . import plots
+    from ..learning import plots
 
     out = plots.plot_dlogits(args.out, args.input).path
     print(f"wrote {out}")
@@ -69,7 +69,7 @@ def cmd_plot_dlogits(args: argparse.Namespace) -> int:
 
 
 def cmd_plot_diagnostics(args: argparse.Namespace) -> int:
-    from . import plots
+    from ..learning import plots
 
     workdir = Path(args.workdir)
     out = Path(args.out) if args.out else workdir / "diagnostics.png"

@@ -1,0 +1,122 @@
+"""Batch normalisation over every dimension but the last (the features), as in the lectures.
+
+For a 2-D input (n x H) the statistics are over dim 0; for a 3-D input (n x T x C, the WaveNet)
+over dims (0, 1), shaped 1 x 1 x C: makemore part 5's fix, since statistics over dim 0 alone
+would keep T separate means per feature. The batch variance uses Bessel's correction (divide by
+m-1, m the number of values per feature: n, or n*T) in training and at inference alike, as the
+lecture does; ``correction=0`` gives the biased variance of the batchnorm paper.
+
+Dimension letters: n batch, T positions, H or C features; m = n (2-D) or n*T (3-D).
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import torch
+from torch import Tensor
+
+from ..errors import UserError
+
+BN_EPS = 1e-5
+
+
+class BatchNormStats(NamedTuple):
+    """Per-feature statistics used to normalise at evaluation and sampling: each 1 x H (or
+    1 x 1 x C)."""
+
+    mean: Tensor
+    var: Tensor
+
+
+class BatchNormCache(NamedTuple):
+    xhat: Tensor     # like x, the normalised input
+    gain: Tensor     # 1 x H
+    var_inv: Tensor  # 1 x H, 1/sqrt(var + eps)
+    stats: BatchNormStats  # the batch's own mean and variance
+    correction: int  # 1: Bessel's (the lecture's), 0: biased
+
+
+def feature_dims(x: Tensor) -> tuple[int, ...]:
+    """The dimensions the statistics reduce over: all but the last."""
+    return tuple(range(x.ndim - 1))
+
+
+def check_batch_size(m: int) -> None:
+    if m < 2:
+        raise UserError(f"batch normalisation needs a batch of at least 2 (got {m}): its variance "
+                        "divides by n-1 (Bessel's correction); use --batch-size 2 or more")
+
+
+def batchnorm_forward(x: Tensor, gain: Tensor, bias: Tensor, stats: BatchNormStats | None = None,
+                      correction: int = 1, eps: float = BN_EPS) -> tuple[Tensor, BatchNormCache | None]:
+    """Training mode (``stats=None``): normalise with the batch's own statistics, and return a
+    cache for the backward pass. Evaluation mode: normalise with the given statistics; nothing
+    trains there, so the cache is None."""
+    if stats is not None:
+        return batchnorm_apply(x, gain, bias, stats, eps), None
+    dims = feature_dims(x)
+    check_batch_size(x.numel() // x.shape[-1])
+    var, mean = torch.var_mean(x, dim=dims, keepdim=True, correction=correction)
+    var_inv = (var + eps).rsqrt()
+    xhat = (x - mean) * var_inv
+    out = gain * xhat + bias
+    return out, BatchNormCache(xhat, gain, var_inv, BatchNormStats(mean, var), correction)
+
+
+def batchnorm_backward(dout: Tensor, cache: BatchNormCache) -> tuple[Tensor, Tensor, Tensor]:
+    """Exercise 3, fused, with m values per feature and c the correction (1: Bessel's):
+
+        dx = gain * var_inv / m * (m*dy - sum(dy) - m/(m-c) * xhat * sum(dy * xhat))
+
+    gain and bias are broadcast over the m values, so their gradients are those same two sums
+    (keeping the parameters' 1 x H shape). Every term matters: with a constant dy, sum(dy*xhat)
+    is 0 and m*dy - sum(dy) is 0, so a check driven by a constant upstream gradient would pass
+    a backward that dropped either.
+    """
+    dims = feature_dims(dout)
+    m = dout.numel() // dout.shape[-1]
+    dbias = dout.sum(dims, keepdim=True)
+    dgain = (dout * cache.xhat).sum(dims, keepdim=True)
+    dx = cache.gain * cache.var_inv / m * (
+        m * dout - dbias - m / (m - cache.correction) * cache.xhat * dgain)
+    return dx, dgain, dbias
+
+
+def batchnorm_apply(x: Tensor, gain: Tensor, bias: Tensor, stats: BatchNormStats,
+                    eps: float = BN_EPS) -> Tensor:
+    """Evaluation mode: gain * (x - mean) / sqrt(var + eps) + bias, folded into one
+    multiply-add per element (x * scale + shift, scale and shift computed once per feature)."""
+    scale = gain * (stats.var + eps).rsqrt()
+    return torch.addcmul(bias - stats.mean * scale, x, scale)
+
+
+class StatsAccumulator:
+    """Mean and unbiased variance of a layer's input over a whole data set, fed in chunks.
+
+    Sums are kept in float64, so that the whole set never needs to sit in memory at once and
+    the variance does not lose its digits to cancellation.
+    """
+
+    def __init__(self):
+        self.total = self.total_sq = None
+        self.count = 0
+
+    def add(self, x: Tensor) -> None:
+        dims = feature_dims(x)
+        s = x.sum(dims, dtype=torch.float64)
+        sq = (x * x).sum(dims, dtype=torch.float64)
+        if self.total is None:
+            self.total, self.total_sq, self.shape, self.dtype = s, sq, (1,) * len(dims) + s.shape, x.dtype
+        else:
+            self.total += s
+            self.total_sq += sq
+        self.count += x.numel() // x.shape[-1]
+
+    def stats(self) -> BatchNormStats:
+        check_batch_size(self.count)
+        m = self.count
+        mean = self.total / m
+        var = (self.total_sq - m * mean * mean) / (m - 1)
+        return BatchNormStats(mean.view(self.shape).to(self.dtype),
+                              var.clamp_min(0).view(self.shape).to(self.dtype))
