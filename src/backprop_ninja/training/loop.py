@@ -224,8 +224,9 @@ def save_progress(state: RunState, unsaved: list[dict]) -> None:
     W.save_checkpoint(state.workdir, state.params, state.generator, state.step)
 
 
-def save_model(state: RunState) -> tuple[float, float]:
-    """Calibrate batchnorm on the whole training set; save the model; return train/val loss."""
+def save_model(state: RunState) -> tuple[float, float, int]:
+    """Calibrate batchnorm on the whole training set; save the model; return the train and val
+    losses and the number of batchnorm layers calibrated."""
     spec, device = state.spec, next(iter(state.params.values())).device
     Xtr, Ytr = (t.to(device) for t in state.data.splits["train"])
     Xva, Yva = (t.to(device) for t in state.data.splits["val"])
@@ -233,7 +234,7 @@ def save_model(state: RunState) -> tuple[float, float]:
         stats = calibrate(spec, state.params, Xtr)
         W.save_model(state.workdir, state.params, stats, state.step)
         return (evaluate(spec, state.params, Xtr, Ytr, stats),
-                evaluate(spec, state.params, Xva, Yva, stats))
+                evaluate(spec, state.params, Xva, Yva, stats), len(stats))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -367,11 +368,11 @@ def run_loop(state: RunState, opts: Options) -> str:
 
 def train(state: RunState, opts: Options) -> str:
     outcome = run_loop(state, opts)
-    train_loss, val_loss = save_model(state)
+    train_loss, val_loss, calibrated = save_model(state)
     W.write_loss_plot(state.workdir / W.LOSS_PLOT, state.metrics,
                     f"{state.workdir.name}: {describe(state)}")
-    opts.log(f"step {state.step}: train loss {train_loss:.4f}, val loss {val_loss:.4f} "
-             f"(batchnorm calibrated on the whole training set)")
+    note = " (batchnorm calibrated on the whole training set)" if calibrated else ""
+    opts.log(f"step {state.step}: train loss {train_loss:.4f}, val loss {val_loss:.4f}{note}")
     if outcome == "interrupted":
         opts.log(f"interrupted at step {state.step} of {state.tcfg.steps}; a checkpoint is saved: "
                  f"continue with `backprop-ninja train -o {state.workdir} --resume`")

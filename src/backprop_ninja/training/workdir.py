@@ -173,8 +173,8 @@ def load_data(config: dict, path: Path | None = None, takes_input: bool = False)
     if not path.is_file():
         where = "pass its new location with -i FILE" if takes_input else "put it back there"
         raise UserError(f"the input file this run was trained on, {path}, is missing; {where}")
-    data = Dataset.load(path, block_size=config["model"]["block_size"],
-                        seed=config["data"]["split_seed"])
+    spec, cfg = model_from_config(config)
+    data = Dataset.load(path, block_size=spec.block_size(cfg), seed=config["data"]["split_seed"])
     recorded = config["data"].get("sha256")
     if recorded is not None and recorded != data.sha256:
         where = "restore the original (or pass its location with -i FILE)" if takes_input else \

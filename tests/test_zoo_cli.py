@@ -1,0 +1,118 @@
+"""Every model through the command line: train (hand-written = autograd within float noise),
+eval and sample reading the type from the work directory, check and bench, and bad input."""
+
+import json
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from backprop_ninja import models
+from backprop_ninja.cli import main
+
+QUIET = ["--no-progress", "--num-samples", "0", "--eval-every", "100"]
+TINY = {"bigram": [], "mlp": ["--n-hidden", "32"], "wavenet": ["--n-hidden", "32", "--n-embd", "8"]}
+
+
+def one_line_error(capsys, rc: int, *needles: str) -> str:
+    assert rc == 2
+    err = capsys.readouterr().err.strip()
+    assert "\n" not in err and "Traceback" not in err, err
+    for needle in needles:
+        assert needle in err, err
+    return err
+
+
+@pytest.mark.parametrize("name", sorted(models.MODELS))
+def test_a_few_hundred_steps_agree_with_autograd_then_eval_and_sample(name, tmp_path, capsys):
+    runs = {}
+    for grad in ("fast", "autograd"):
+        out = tmp_path / grad
+        argv = ["train", "--type", name, "-o", str(out), "--steps", "300", "--grad", grad,
+                *TINY[name], *QUIET]
+        assert main(argv) == 0
+        runs[grad] = load_file(str(out / "checkpoint.safetensors"))
+    for k, v in runs["fast"].items():
+        if k != "rng_state":
+            torch.testing.assert_close(v, runs["autograd"][k], rtol=1e-3, atol=1e-4, msg=k)
+    out = tmp_path / "fast"
+    config = json.loads((out / "config.json").read_text())
+    assert config["model"]["type"] == name
+    capsys.readouterr()
+    assert main(["eval", "-o", str(out), "--json"]) == 0
+    losses = json.loads(capsys.readouterr().out)
+    assert set(losses) == {"train", "val", "test"} and all(2.0 < v < 3.2 for v in losses.values())
+    assert main(["sample", "-o", str(out), "-n", "5", "--seed", "1"]) == 0
+    samples = capsys.readouterr().out.splitlines()
+    assert len(samples) == 5 and all(s.isalpha() for s in samples if s)
+
+
+@pytest.mark.parametrize("name", sorted(models.MODELS))
+def test_check_every_type(name, capsys):
+    assert main(["check", "--type", name, "--json"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert out["ok"] is True
+    spec = models.get(name)
+    params = spec.init(spec.make_config(27, {}), torch.Generator())
+    assert [r["name"] for r in out["model"]] == list(params)
+    tiny = spec.config(**out["finite_differences_config"])
+    assert set(out["finite_differences"]) == set(spec.init(tiny, torch.Generator()))
+    assert all(e <= 1e-6 for e in out["finite_differences"].values())
+
+
+def test_check_table_of_the_wavenet(capsys):
+    assert main(["check", "--type", "wavenet"]) == 0
+    out = capsys.readouterr().out
+    assert "wavenet: 76,579 parameters" in out and "finite differences on a tiny wavenet" in out
+    assert "all gradients match autograd and finite differences" in out
+
+
+def test_unknown_type_lists_the_types(tmp_path, capsys):
+    for argv in (["train", "--type", "gpt9", "-o", str(tmp_path / "r")], ["check", "--type", "gpt9"],
+                 ["bench", "--type", "gpt9"]):
+        one_line_error(capsys, main(argv), "unknown model type 'gpt9'", "bigram, mlp, wavenet")
+    assert not (tmp_path / "r" / "config.json").exists()
+
+
+@pytest.mark.parametrize("argv,needle", [
+    (["--type", "bigram", "--n-hidden", "64"], "--n-hidden does not apply to --type bigram"),
+    (["--type", "bigram", "--block-size", "4"], "--block-size does not apply to --type bigram"),
+    (["--type", "wavenet", "--block-size", "10"], "valid sizes are 2, 4, 8, 16, 32, 64"),
+    (["--type", "wavenet", "--n-embd", "0"], "--n-embd must be at least 1"),
+])
+def test_flags_that_do_not_fit_the_type(tmp_path, capsys, argv, needle):
+    out = tmp_path / "run"
+    one_line_error(capsys, main(["train", "-o", str(out), "--steps", "10", *argv, *QUIET]), needle)
+    assert not (out / "config.json").exists()
+    one_line_error(capsys, main(["check", *argv]), needle)
+
+
+def test_resume_with_another_type_or_shape_is_refused(tmp_path, capsys):
+    out = tmp_path / "run"
+    assert main(["train", "--type", "wavenet", "-o", str(out), "--steps", "30", *TINY["wavenet"],
+                 *QUIET]) == 0
+    before = (out / "checkpoint.safetensors").read_bytes()
+    capsys.readouterr()
+    resume = ["train", "-o", str(out), "--resume", "--steps", "60", *QUIET]
+    one_line_error(capsys, main(resume + ["--type", "mlp"]), "--type mlp differs", "wavenet")
+    one_line_error(capsys, main(resume + ["--n-hidden", "64"]), "--n-hidden 64 differs")
+    one_line_error(capsys, main(resume + ["--block-size", "4"]), "--block-size 4 differs")
+    assert (out / "checkpoint.safetensors").read_bytes() == before
+    assert main(resume + ["--type", "wavenet"]) == 0  # the same type is fine
+
+
+def test_the_bigram_learns_the_count_table(tmp_path):
+    """At its optimum a bigram's softmax rows are the counts' frequencies (makemore part 1)."""
+    out = tmp_path / "run"
+    words = tmp_path / "w.txt"
+    words.write_text("\n".join(["ab", "abb", "ba", "bba", "a", "aab"] * 20))
+    assert main(["train", "--type", "bigram", "-i", str(words), "-o", str(out), "--steps", "3000",
+                 "--batch-size", "512", "--lr", "10", "--lr-decay-step", "1500", "--lr-decay-to",
+                 "0.5", "--no-progress", "--num-samples", "0", "--eval-every", "0"]) == 0
+    W = load_file(str(out / "model.safetensors"))["W"]
+    probs = torch.softmax(W, 1)
+    # after '.', the training items start with 'a' or 'b'; row 0 matches their frequency
+    from backprop_ninja.data import split_items
+    train = split_items(words.read_text().splitlines(), 42)[0]
+    first_a = sum(w[0] == "a" for w in train) / len(train)
+    assert probs[0, 1].item() == pytest.approx(first_a, abs=0.01)
