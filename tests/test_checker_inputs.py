@@ -3,7 +3,6 @@ compared in float64 (a cast would let an integer tensor of zeros pass for gradie
 
 import math
 
-import numpy as np
 import pytest
 import torch
 

@@ -8,7 +8,6 @@ import sys
 import time
 from pathlib import Path
 
-import matplotlib
 import pytest
 
 from backprop_ninja.training import fused_mlp as S

@@ -167,9 +167,12 @@ def register(sub) -> None:
                    help="learning rate after the decay step (recipe: 0.01)")
     p.add_argument("--seed", type=int, default=None,
                    help="seed of the initialisation and of batch sampling (default 2147483647)")
-    p.add_argument("--split-seed", type=int, default=None, help="seed of the 80/10/10 item split (default 42)")
-    p.add_argument("--eval-every", type=int, default=10_000, help="steps between val-loss measurements (0: never)")
-    p.add_argument("--checkpoint-every", type=int, default=10_000, help="steps between checkpoints (0: only at the end)")
+    p.add_argument("--split-seed", type=int, default=None,
+                   help="seed of the 80/10/10 item split (default 42)")
+    p.add_argument("--eval-every", type=int, default=10_000,
+                   help="steps between val-loss measurements (0: never)")
+    p.add_argument("--checkpoint-every", type=int, default=10_000,
+                   help="steps between checkpoints (0: only at the end)")
     p.add_argument("--diag-every", type=int, default=1000,
                    help="steps between update-to-data ratio records in metrics.jsonl (0: never)")
     p.add_argument("--check-grads", type=int, default=0, metavar="N",

@@ -1,8 +1,9 @@
 """The checker of the four exercises: it grades a learner's file against autograd.
 
 A starter file (see ``exercises``) holds the lecture's forward pass, done, and a ``backward``
-function whose gradients are blanks. The checker imports the learner's file, calls its ``backward`` on the lecture's check batch with
-autograd forbidden, and grades each returned gradient against autograd's, in backward order. It
+function whose gradients are blanks. The checker imports the learner's file, calls its
+``backward`` on the lecture's check batch with autograd forbidden, and grades each returned
+gradient against autograd's, in backward order. It
 names the first wrong tensor (the ones after it usually inherit its error) and, when it
 recognises a classic mistake, says which (see ``hints``). Any error in the learner's
 file is reported with its line number, never as a traceback of the checker.

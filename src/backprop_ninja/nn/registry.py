@@ -92,6 +92,11 @@ def _flatten_inputs(g, n, width, dtype):
     return {"x": _randn(g, n, 8, width, dtype=dtype)}
 
 
+# --- part 2, normalisation and attention: input makers and references (above this line) ---
+
+# --- part 2, sequence layers: input makers and references (above this line) ---
+
+
 def _batchnorm_reference(x, gain, bias):
     # written from the definition, with torch.var's own Bessel correction, over all but the last dim
     dims = tuple(range(x.ndim - 1))
@@ -137,6 +142,8 @@ REGISTRY: dict[str, LayerSpec] = {spec.name: spec for spec in (
     LayerSpec("flatten_consecutive", "flatten_consecutive",
               lambda x: R.flatten_consecutive_forward(x, 2), R.flatten_consecutive_backward,
               _flatten_reference, _flatten_inputs, ("x",)),
+    # --- part 2, normalisation and attention: entries (above this line) ---
+    # --- part 2, sequence layers: entries (above this line) ---
 )}
 
 

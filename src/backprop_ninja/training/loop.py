@@ -21,12 +21,11 @@ from typing import Callable
 import torch
 from tqdm import tqdm
 
-from .. import models
 from ..checking.gradcheck import compare
 from ..checking.models import autograd_param_grads
 from ..data import Dataset, default_data_path
 from ..errors import UserError
-from ..models.base import ModelSpec, Params, calibrate, evaluate, num_params
+from ..models.base import ModelSpec, Params, calibrate, evaluate
 from . import workdir as W
 from .steps import make_step
 
@@ -146,7 +145,7 @@ def resume_run(workdir: Path, input_path: str | None, model_type: str | None, cf
     if not (workdir / W.CHECKPOINT).exists():
         raise UserError(f"{workdir} has no checkpoint to resume; start the run without --resume")
     spec, cfg = W.model_from_config(config)
-    check_same(config["model"], {"type": model_type, **cfg_flags})
+    check_same(W.model_section(spec, cfg), {"type": model_type, **cfg_flags})
     check_same(config["train"], {k: v for k, v in train_flags.items() if k != "steps"})
     check_same(config["data"], {"split_seed": split_seed})
     tcfg = train_config(config, workdir)
@@ -154,7 +153,8 @@ def resume_run(workdir: Path, input_path: str | None, model_type: str | None, cf
         tcfg = replace(tcfg, steps=train_flags["steps"])
     tcfg.validate()
     path = Path(input_path).resolve() if input_path else None
-    if path is not None and config["data"].get("sha256") is None and path != W.input_path(config).resolve():
+    if path is not None and config["data"].get("sha256") is None \
+            and path != W.input_path(config).resolve():  # a run from before the hash was kept
         raise UserError(f"-i {input_path} is not the file this run was trained on "
                         f"({W.input_path(config)}); drop -i to resume, or train into a new -o WORKDIR")
     data = W.load_data(config, path, takes_input=True)  # a moved file is fine if its bytes match

@@ -16,7 +16,7 @@ Check it (a table row per tensor, the first wrong one named, with a hint):
 
 Remember: a broadcast in the forward pass is a sum in the backward pass (keep the dims); a sum
 forward is a broadcast backward; a tensor used twice adds up (+=) both gradients.
-Dimension letters: n batch, T block_size, C n_embd, H n_hidden, V vocab size.
+Dimension letters: n batch, T block_size, E n_embd, H n_hidden, V vocab size.
 """
 
 import torch
@@ -26,8 +26,8 @@ import torch.nn.functional as F
 def forward(p, Xb, Yb):
     """The lecture's forward pass in small steps; returns every intermediate by name."""
     n = Xb.shape[0]
-    emb = p["C"][Xb]                                       # n x T x C
-    embcat = emb.view(n, -1)                               # n x T*C
+    emb = p["C"][Xb]                                       # n x T x E
+    embcat = emb.view(n, -1)                               # n x T*E
     hprebn = embcat @ p["W1"] + p["b1"]                    # n x H
     bnmeani = 1 / n * hprebn.sum(0, keepdim=True)          # 1 x H
     bndiff = hprebn - bnmeani                              # n x H

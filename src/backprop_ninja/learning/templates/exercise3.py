@@ -17,7 +17,6 @@ Check it:
 Dimension letters: n batch, H n_hidden.
 """
 
-import torch
 
 
 def forward(hprebn, bngain, bnbias):

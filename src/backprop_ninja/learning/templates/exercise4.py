@@ -14,7 +14,7 @@ Contract (what the checker calls and expects):
 Check it (one batch against autograd, then a short training run against the reference's):
     backprop-ninja exercise 4 --check THIS_FILE      (or run this file with python)
 
-Dimension letters: n batch, T block_size, C n_embd, H n_hidden, V vocab size.
+Dimension letters: n batch, T block_size, E n_embd, H n_hidden, V vocab size.
 """
 
 import torch
@@ -24,8 +24,8 @@ import torch.nn.functional as F
 def forward(p, Xb, Yb):
     """The training forward pass; returns the intermediates the backward pass needs."""
     n = Xb.shape[0]
-    emb = p["C"][Xb]                                       # n x T x C
-    embcat = emb.view(n, -1)                               # n x T*C
+    emb = p["C"][Xb]                                       # n x T x E
+    embcat = emb.view(n, -1)                               # n x T*E
     hprebn = embcat @ p["W1"] + p["b1"]                    # n x H
     bnmean = hprebn.mean(0, keepdim=True)                  # 1 x H
     bnvar = hprebn.var(0, keepdim=True, unbiased=True)     # 1 x H, divides by n-1
