@@ -13,8 +13,21 @@ from backprop_ninja.models import mlp, wavenet
 from backprop_ninja.models.base import calibrate, evaluate, num_params
 from backprop_ninja.nn.normalisation import BatchNormStats
 
+SEQ = {"block_size": 5, "n_embd": 3, "n_embd2": 4}
 SMALL = {"bigram": {}, "mlp": {"block_size": 2, "n_embd": 3, "n_hidden": 4},
-         "wavenet": {"block_size": 4, "n_embd": 3, "n_hidden": 5}}
+         "wavenet": {"block_size": 4, "n_embd": 3, "n_hidden": 5},
+         "rnn": SEQ, "gru": SEQ, "bow": SEQ,
+         "transformer": {"block_size": 5, "n_layer": 2, "n_head": 2, "n_embd": 4}}
+
+
+def targets(g, n, V, spec, T):
+    """Y for the model's layout: one target per example, or a padded sequence per item."""
+    if spec.layout != "sequence":
+        return torch.randint(0, V, (n,), generator=g)
+    Y = torch.randint(0, V, (n, T), generator=g)
+    lengths = torch.randint(1, T + 1, (n,), generator=g)
+    Y[torch.arange(T).view(1, T) >= lengths.view(n, 1)] = -1  # makemore's padding
+    return Y
 
 
 def problem(name, seed, n=6, V=5, dtype=torch.float64, **overrides):
@@ -22,19 +35,20 @@ def problem(name, seed, n=6, V=5, dtype=torch.float64, **overrides):
     cfg = spec.make_config(V, {**SMALL[name], **overrides})
     g = torch.Generator().manual_seed(seed)
     params = {k: v.to(dtype) for k, v in jitter_constants(spec.init(cfg, g), g).items()}
-    X = torch.randint(0, V, (n, spec.block_size(cfg)), generator=g)
-    Y = torch.randint(0, V, (n,), generator=g)
-    return spec, cfg, params, X, Y
+    T = spec.block_size(cfg)
+    X = torch.randint(0, V, (n, T), generator=g)
+    return spec, cfg, params, X, targets(g, n, V, spec, T)
 
 
 def test_the_registry_and_unknown_types():
-    assert set(models.MODELS) == {"bigram", "mlp", "wavenet"}
-    with pytest.raises(UserError, match="the types are bigram, mlp, wavenet"):
+    assert set(models.MODELS) == {"bigram", "mlp", "wavenet", "rnn", "gru", "bow", "transformer"}
+    with pytest.raises(UserError, match="the types are bigram, mlp, wavenet, rnn, gru, bow, transformer"):
         models.get("gpt")
 
 
 @pytest.mark.parametrize("name,overrides,count", [
-    ("mlp", {"n_hidden": 64}, 4137), ("mlp", {}, 12297), ("wavenet", {}, 76579), ("bigram", {}, 729)])
+    ("mlp", {"n_hidden": 64}, 4137), ("mlp", {}, 12297), ("wavenet", {}, 76579), ("bigram", {}, 729),
+    ("transformer", {"block_size": 16}, 204544)])
 def test_parameter_count(name, overrides, count):
     spec = models.get(name)
     assert num_params(spec.init(spec.make_config(27, overrides), torch.Generator())) == count
@@ -43,7 +57,7 @@ def test_parameter_count(name, overrides, count):
 @pytest.mark.parametrize("name", sorted(models.MODELS))
 def test_init_is_seeded_and_reproducible(name):
     spec = models.get(name)
-    cfg = spec.make_config(27, {})
+    cfg = spec.make_config(27, {"block_size": 16} if spec.layout == "sequence" else {})
     a, b = (spec.init(cfg, torch.Generator().manual_seed(7)) for _ in range(2))
     c = spec.init(cfg, torch.Generator().manual_seed(8))
     for k in a:
@@ -92,9 +106,10 @@ def test_backward_against_both_oracles(name, seed, n, V):
 @pytest.mark.parametrize("name", sorted(models.MODELS))
 def test_backward_float32_matches_autograd_at_the_recipe_size(name, names):
     spec = models.get(name)
-    cfg = spec.make_config(names.vocab.size, {})
-    X = torch.randint(0, 27, (32, spec.block_size(cfg)), generator=torch.Generator().manual_seed(3))
-    Y = torch.randint(0, 27, (32,), generator=torch.Generator().manual_seed(4))
+    cfg = spec.make_config(names.vocab.size, {"block_size": 16} if spec.layout == "sequence" else {})
+    T = spec.block_size(cfg)
+    X = torch.randint(0, 27, (32, T), generator=torch.Generator().manual_seed(3))
+    Y = targets(torch.Generator().manual_seed(4), 32, 27, spec, T)
     result = check_model(spec, cfg, X, Y)
     assert result.ok, (result.rows, result.fd_errors)
     assert [r.name for r in result.rows] == list(spec.init(cfg, torch.Generator()))
@@ -168,8 +183,8 @@ def test_mlp_calibration_is_the_unbiased_statistics_of_the_whole_set():
 def test_evaluate_matches_one_big_batch(name):
     spec, _, params, _, _ = problem(name, 6)
     g = torch.Generator().manual_seed(1)
-    X = torch.randint(0, 5, (500, spec.block_size(spec.make_config(5, SMALL[name]))), generator=g)
-    Y = torch.randint(0, 5, (500,), generator=g)
+    T = spec.block_size(spec.make_config(5, SMALL[name]))
+    X, Y = torch.randint(0, 5, (500, T), generator=g), targets(g, 500, 5, spec, T)
     stats = calibrate(spec, params, X)
     whole = spec.forward(params, X, Y, stats).loss.item()
     assert evaluate(spec, params, X, Y, stats, chunk=77) == pytest.approx(whole, rel=1e-12)

@@ -129,7 +129,7 @@ def test_fast_step_gradients_float64_against_autograd(name, overrides):
         for k in params:
             assert step.grads[k].shape == ref[k].shape
             torch.testing.assert_close(step.grads[k], ref[k], rtol=1e-9, atol=1e-13)
-        step.buffers.sgd(0.1)
+        step.optimizer.step(0.1)
 
 
 @pytest.mark.parametrize("name", FUSED)

@@ -11,7 +11,9 @@ from backprop_ninja import models
 from backprop_ninja.cli import main
 
 QUIET = ["--no-progress", "--num-samples", "0", "--eval-every", "100"]
-TINY = {"bigram": [], "mlp": ["--n-hidden", "32"], "wavenet": ["--n-hidden", "32", "--n-embd", "8"]}
+TINY = {"bigram": [], "mlp": ["--n-hidden", "32"], "wavenet": ["--n-hidden", "32", "--n-embd", "8"],
+        "rnn": ["--n-embd2", "16"], "gru": ["--n-embd2", "16"], "bow": ["--n-embd2", "16"],
+        "transformer": ["--n-layer", "1", "--n-head", "2", "--n-embd", "16"]}
 
 
 def one_line_error(capsys, rc: int, *needles: str) -> str:
@@ -53,7 +55,8 @@ def test_check_every_type(name, capsys):
     out = json.loads(capsys.readouterr().out)
     assert out["ok"] is True
     spec = models.get(name)
-    params = spec.init(spec.make_config(27, {}), torch.Generator())
+    params = spec.init(spec.make_config(27, {"block_size": 16} if spec.layout == "sequence" else {}),
+                       torch.Generator())
     assert [r["name"] for r in out["model"]] == list(params)
     tiny = spec.config(**out["finite_differences_config"])
     assert set(out["finite_differences"]) == set(spec.init(tiny, torch.Generator()))
@@ -70,7 +73,7 @@ def test_check_table_of_the_wavenet(capsys):
 def test_unknown_type_lists_the_types(tmp_path, capsys):
     for argv in (["train", "--type", "gpt9", "-o", str(tmp_path / "r")], ["check", "--type", "gpt9"],
                  ["bench", "--type", "gpt9"]):
-        one_line_error(capsys, main(argv), "unknown model type 'gpt9'", "bigram, mlp, wavenet")
+        one_line_error(capsys, main(argv), "unknown model type 'gpt9'", "bigram, mlp, wavenet, rnn")
     assert not (tmp_path / "r" / "config.json").exists()
 
 

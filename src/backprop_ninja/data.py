@@ -1,4 +1,12 @@
-"""Data: reading a line-per-item file, the vocabulary, (context, next) examples, the split.
+"""Data: reading a line-per-item file, the vocabulary, the examples, the split.
+
+Two layouts of the same items, one per kind of model:
+
+- ``context`` (bigram, mlp, wavenet): one example per character, (the block_size characters
+  before it, the character); X is N x T, Y is N.
+- ``sequence`` (rnn, gru, bow, transformer; makemore's format): one example per item,
+  x = [0, c1 .. cL, 0 ...] and y = [c1 .. cL, 0, -1 ...], both of length block_size = the longest
+  item + 1; -1 marks padding, which the loss ignores. X and Y are N x T.
 
 Dimension letters: N examples, T block_size (context length).
 
@@ -18,6 +26,7 @@ from pathlib import Path
 import torch
 
 from .errors import UserError
+from .nn.losses import IGNORE_INDEX  # a padded target: no loss, no gradient
 
 BOUNDARY = "."
 SPLIT_FRACTIONS = (0.8, 0.9)  # train | val | test cut points, by item
@@ -103,6 +112,27 @@ def build_examples(items: list[str], vocab: Vocab, block_size: int) -> tuple[tor
     return X, Y
 
 
+def build_sequences(items: list[str], vocab: Vocab, block_size: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """makemore's layout: X[i] = [0, item, 0 ...], Y[i] = [item, 0, -1 ...], each N x T."""
+    X = torch.zeros(len(items), block_size, dtype=torch.long)
+    Y = torch.full((len(items), block_size), IGNORE_INDEX, dtype=torch.long)
+    table = vocab.stoi()
+    for i, item in enumerate(items):
+        ix = torch.tensor(vocab.encode(item, table), dtype=torch.long)
+        if len(ix) >= block_size:
+            raise UserError(f"an item of {len(ix)} characters does not fit a block of {block_size} "
+                            f"(it needs the item and its end token); pass --block-size "
+                            f"{len(ix) + 1} or more")
+        X[i, 1:1 + len(ix)] = ix
+        Y[i, :len(ix)] = ix
+        Y[i, len(ix)] = 0
+    return X, Y
+
+
+def longest(items: list[str]) -> int:
+    return max(len(w) for w in items)
+
+
 def split_items(items: list[str], seed: int) -> tuple[list[str], list[str], list[str]]:
     """Shuffle a copy with Python's random.seed(seed) and cut 80/10/10 by item (the lecture's split)."""
     shuffled = list(items)
@@ -129,12 +159,21 @@ class Dataset:
 
     @classmethod
     def load(cls, path: str | Path, block_size: int = 3, seed: int = 42,
-             vocab: Vocab | None = None) -> "Dataset":
+             vocab: Vocab | None = None, layout: str = "context") -> "Dataset":
+        """``layout="sequence"``: ``block_size`` None means the longest item + 1."""
+        items, sha256 = load_items(path)
+        if layout == "sequence":
+            need = longest(items) + 1
+            if block_size is not None and block_size < need:
+                raise UserError(f"--block-size {block_size} is too short: the longest item has "
+                                f"{need - 1} characters, and a sequence holds it and its end "
+                                f"token; pass --block-size {need} or more, or leave it out")
+            block_size = block_size or need
         if block_size < 1:
             raise UserError(f"--block-size must be at least 1, got {block_size}")
-        items, sha256 = load_items(path)
         vocab = vocab or Vocab.from_items(items)
+        build = build_sequences if layout == "sequence" else build_examples
         train, val, test = split_items(items, seed)
-        splits = {name: build_examples(part, vocab, block_size)
+        splits = {name: build(part, vocab, block_size)
                   for name, part in (("train", train), ("val", val), ("test", test))}
         return cls(vocab, block_size, items, splits, sha256)

@@ -44,8 +44,10 @@ def cmd_check(args: argparse.Namespace) -> int:
                   "exercise2": "exercise 2: fused cross-entropy backward",
                   "exercise3": "exercise 3: fused batchnorm backward"}
     else:
-        data = Dataset.load(args.input or default_data_path(), block_size=spec.block_size(probe))
-        cfg = spec.make_config(data.vocab.size, flags)
+        data = Dataset.load(args.input or default_data_path(), block_size=spec.block_size(probe),
+                            layout=spec.layout)
+        cfg = spec.make_config(data.vocab.size, {**flags, "block_size": data.block_size}
+                               if "block_size" in spec.flags() else flags)
         Xtr, Ytr = data.splits["train"]
         ix = torch.randint(0, Xtr.shape[0], (args.batch_size,),
                            generator=torch.Generator().manual_seed(CHECK_SEED))

@@ -16,7 +16,8 @@ from ..training import workdir as W
 from .flags import add_model_flags, model_flags
 
 DEFAULT_WORKDIR = "out"
-TRAIN_FLAGS = ("steps", "batch_size", "lr", "lr_decay_step", "lr_decay_to", "seed")
+TRAIN_FLAGS = ("steps", "batch_size", "lr", "lr_decay_step", "lr_decay_to", "seed", "optimizer",
+               "weight_decay", "warmup_steps", "lr_schedule")
 SPLIT_SEED = 42
 MAX_SAMPLES = 100_000
 
@@ -165,6 +166,16 @@ def register(sub) -> None:
                    help="step from which --lr-decay-to is used (recipe: 100000 for mlp)")
     p.add_argument("--lr-decay-to", type=float, default=None,
                    help="learning rate after the decay step (recipe: 0.01)")
+    p.add_argument("--lr-schedule", choices=("step", "cosine"), default=None,
+                   help="step: --lr until --lr-decay-step, then --lr-decay-to (recipe: mlp); "
+                        "cosine: a half cosine from --lr down to --lr-decay-to at --lr-decay-step")
+    p.add_argument("--warmup-steps", type=int, default=None,
+                   help="linear learning-rate warm-up from 0 over this many steps (recipe: 0)")
+    p.add_argument("--optimizer", choices=("sgd", "adamw"), default=None,
+                   help="update rule, written by hand over flat buffers (recipe: sgd for the "
+                        "lecture's models, adamw for makemore's)")
+    p.add_argument("--weight-decay", type=float, default=None,
+                   help="decoupled weight decay, as AdamW's (recipe: 0, or makemore's 0.01)")
     p.add_argument("--seed", type=int, default=None,
                    help="seed of the initialisation and of batch sampling (default 2147483647)")
     p.add_argument("--split-seed", type=int, default=None,
@@ -199,6 +210,16 @@ def register(sub) -> None:
     p.add_argument("-o", "--out-dir", "--work-dir", dest="out_dir", default=DEFAULT_WORKDIR,
                    help="the run's work directory")
     p.add_argument("-n", "--num-samples", type=int, default=20, help="how many items (default 20)")
+    p.add_argument("--lr-schedule", choices=("step", "cosine"), default=None,
+                   help="step: --lr until --lr-decay-step, then --lr-decay-to (recipe: mlp); "
+                        "cosine: a half cosine from --lr down to --lr-decay-to at --lr-decay-step")
+    p.add_argument("--warmup-steps", type=int, default=None,
+                   help="linear learning-rate warm-up from 0 over this many steps (recipe: 0)")
+    p.add_argument("--optimizer", choices=("sgd", "adamw"), default=None,
+                   help="update rule, written by hand over flat buffers (recipe: sgd for the "
+                        "lecture's models, adamw for makemore's)")
+    p.add_argument("--weight-decay", type=float, default=None,
+                   help="decoupled weight decay, as AdamW's (recipe: 0, or makemore's 0.01)")
     p.add_argument("--seed", type=int, default=None, help="sampling seed (default: random)")
     p.add_argument("--temperature", type=float, default=1.0, help="softmax temperature (default 1)")
     p.add_argument("--top-k", type=int, default=None, help="sample only from the k likeliest symbols")

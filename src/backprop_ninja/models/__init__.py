@@ -7,10 +7,11 @@ one in an ``if``. See ``base`` for what a model module provides.
 from __future__ import annotations
 
 from ..errors import UserError
-from . import bigram, mlp, wavenet
+from . import bigram, bow, gru, mlp, rnn, transformer, wavenet
 from .base import ModelSpec
 
-MODELS: dict[str, ModelSpec] = {m.SPEC.name: m.SPEC for m in (bigram, mlp, wavenet)}
+MODELS: dict[str, ModelSpec] = {m.SPEC.name: m.SPEC for m in (bigram, mlp, wavenet, rnn, gru, bow,
+                                                        transformer)}
 DEFAULT = "mlp"
 
 

@@ -2,9 +2,12 @@
 
 A model module holds a config dataclass (``vocab_size`` first, then the model's own fields with
 the recipe's defaults), a seeded ``init(cfg, generator)``, one ``forward(params, X, Y=None,
-stats=None)`` that serves training, evaluation, calibration and sampling, and a ``backward(cache)``
-that reads as the forward in reverse, one layer-backward per line. ``ModelSpec`` bundles them for
-the registry in ``models/__init__``.
+stats=None, rng=None)`` that serves training, evaluation, calibration and sampling, and a
+``backward(cache)`` that reads as the forward in reverse, one layer-backward per line.
+``ModelSpec`` bundles them for the registry in ``models/__init__``.
+
+``rng`` is given only by a training step: a model with dropout draws its masks from it (and
+drops nothing without it, as in evaluation and sampling); the others ignore it.
 
 Batchnorm statistics are explicit: ``stats`` maps a batchnorm layer's name to its statistics;
 a layer that has none there normalises with its batch's own (training mode). Calibration fills
@@ -22,6 +25,7 @@ from typing import Any, Callable, NamedTuple
 import torch
 from torch import Tensor
 
+from ..nn.losses import IGNORE_INDEX
 from ..nn.normalisation import BatchNormStats, StatsAccumulator
 
 Params = dict[str, Tensor]
@@ -43,9 +47,10 @@ class ModelSpec:
     config: type                                   # the config dataclass
     recipe: dict[str, Any]                         # training defaults: steps, lr, schedule, ...
     init: Callable[..., Params]                    # (cfg, generator) -> params
-    forward: Callable[..., Forward]                # (params, X, Y=None, stats=None) -> Forward
+    forward: Callable[..., Forward]                # (params, X, Y=None, stats=None, rng=None)
     backward: Callable[..., Params]                # (cache, act_grads=None) -> grads
     check_config: Callable[[Any], None] = lambda cfg: None  # UserError for a config it cannot build
+    layout: str = "context"  # the data's layout (``data``): "context" or "sequence"
     tiny: dict[str, Any] = field(default_factory=dict)  # config overrides for finite differences
     bench_sizes: tuple = ((32, {}),)  # (batch, config overrides) that ``bench`` times
 
@@ -64,9 +69,10 @@ class ModelSpec:
         self.check_config(cfg)
         return cfg
 
-    def block_size(self, cfg) -> int:
-        """Characters of context per example (1 for the bigram: the previous character)."""
-        return getattr(cfg, "block_size", 1)
+    def block_size(self, cfg) -> int | None:
+        """Characters of context per example (1 for the bigram: the previous character); None
+        for a sequence model whose block size is still to come from the data."""
+        return getattr(cfg, "block_size", 1) or None
 
 
 def num_params(params: Params) -> int:
@@ -109,9 +115,12 @@ def chunks(N: int, size: int) -> list[tuple[int, int]]:
 @torch.no_grad()
 def evaluate(spec: ModelSpec, params: Params, X: Tensor, Y: Tensor, stats: Stats,
              chunk: int = 4096) -> float:
-    """Mean cross-entropy over all of (X, Y), normalising with the given statistics."""
-    total = 0.0
+    """Mean cross-entropy over every target of (X, Y) that counts (padding does not),
+    normalising with the given statistics."""
+    total, count = 0.0, 0
     for start, stop in chunks(X.shape[0], chunk):
         xb, yb = X[start:stop], Y[start:stop]
-        total += spec.forward(params, xb, yb, stats).loss.double().item() * xb.shape[0]
-    return total / X.shape[0]
+        n = int((yb != IGNORE_INDEX).sum())
+        total += spec.forward(params, xb, yb, stats).loss.double().item() * n
+        count += n
+    return total / count

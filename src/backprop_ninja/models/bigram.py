@@ -38,7 +38,8 @@ class Cache(NamedTuple):
     ce: CrossEntropyCache | None
 
 
-def forward(params: Params, X: Tensor, Y: Tensor | None = None, stats: Stats | None = None) -> Forward:
+def forward(params: Params, X: Tensor, Y: Tensor | None = None, stats: Stats | None = None,
+            rng: torch.Generator | None = None) -> Forward:
     logits, lookup_c = embedding_forward(params["W"], X[:, -1])  # n x V
     loss, ce_c = cross_entropy_forward(logits, Y) if Y is not None else (None, None)
     return Forward(logits, loss, Cache(lookup_c, ce_c), {}, {})

@@ -84,7 +84,8 @@ class Cache(NamedTuple):
     emb_shape: torch.Size
 
 
-def forward(params: Params, X: Tensor, Y: Tensor | None = None, stats: Stats | None = None) -> Forward:
+def forward(params: Params, X: Tensor, Y: Tensor | None = None, stats: Stats | None = None,
+            rng: torch.Generator | None = None) -> Forward:
     """Logits (and the loss if Y is given); ``stats`` as in ``models.base``."""
     emb, emb_c = embedding_forward(params["C"], X)
     embcat = emb.view(emb.shape[0], -1)

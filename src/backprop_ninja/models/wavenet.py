@@ -94,7 +94,8 @@ class Cache(NamedTuple):
     top_shape: torch.Size  # n x 1 x H, the last level's output before the view
 
 
-def forward(params: Params, X: Tensor, Y: Tensor | None = None, stats: Stats | None = None) -> Forward:
+def forward(params: Params, X: Tensor, Y: Tensor | None = None, stats: Stats | None = None,
+            rng: torch.Generator | None = None) -> Forward:
     stats = stats or {}
     x, emb_c = embedding_forward(params["C"], X)               # n x T x E
     levels, norm_inputs, acts = [], {}, {}

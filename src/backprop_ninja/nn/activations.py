@@ -1,4 +1,4 @@
-"""Elementwise nonlinearities: tanh, ReLU and the tanh approximation of GELU (GPT-2's)."""
+"""Elementwise nonlinearities: tanh, sigmoid, ReLU and the tanh approximation of GELU (GPT-2's)."""
 
 from __future__ import annotations
 
@@ -20,6 +20,23 @@ def tanh_forward(x: Tensor) -> tuple[Tensor, TanhCache]:
 
 def tanh_backward(dout: Tensor, cache: TanhCache) -> tuple[Tensor]:
     return (dout * (1.0 - cache.out * cache.out),)
+
+
+class SigmoidCache(NamedTuple):
+    out: Tensor  # sigmoid(x): its derivative is out (1 - out), so the input need not be kept
+
+
+def sigmoid_forward(x: Tensor) -> tuple[Tensor, SigmoidCache]:
+    """out = 1 / (1 + exp(-x)), the GRU's gates."""
+    out = torch.sigmoid(x)
+    return out, SigmoidCache(out)
+
+
+def sigmoid_backward(dout: Tensor, cache: SigmoidCache) -> tuple[Tensor]:
+    """dx = dout * out * (1 - out). Elementwise, so no term cancels under a constant dout, but a
+    constant dout would hide a dout read at the wrong element (transposed, broadcast, shifted):
+    the check's random dout does not."""
+    return (dout * cache.out * (1.0 - cache.out),)
 
 
 class ReluCache(NamedTuple):

@@ -1,10 +1,15 @@
-"""Batch normalisation over every dimension but the last (the features), as in the lectures.
+"""Batch normalisation over every dimension but the last (the features), as in the lectures, and
+layer normalisation over the last dimension alone (GPT-2's, for the transformer).
 
 For a 2-D input (n x H) the statistics are over dim 0; for a 3-D input (n x T x C, the WaveNet)
 over dims (0, 1), shaped 1 x 1 x C: makemore part 5's fix, since statistics over dim 0 alone
 would keep T separate means per feature. The batch variance uses Bessel's correction (divide by
 m-1, m the number of values per feature: n, or n*T) in training and at inference alike, as the
 lecture does; ``correction=0`` gives the biased variance of the batchnorm paper.
+
+Layer normalisation needs no batch statistics: each row (each position of each sequence) is
+normalised by its own mean and biased variance over its C features, the same in training and
+evaluation, so it has no evaluation mode and no batch-size limit.
 
 Dimension letters: n batch, T positions, H or C features; m = n (2-D) or n*T (3-D).
 """
@@ -19,6 +24,7 @@ from torch import Tensor
 from ..errors import UserError
 
 BN_EPS = 1e-5
+LN_EPS = 1e-5  # GPT-2's (torch.nn.LayerNorm's default)
 
 
 class BatchNormStats(NamedTuple):
@@ -120,3 +126,42 @@ class StatsAccumulator:
         var = (self.total_sq - m * mean * mean) / (m - 1)
         return BatchNormStats(mean.view(self.shape).to(self.dtype),
                               var.clamp_min(0).view(self.shape).to(self.dtype))
+
+
+class LayerNormCache(NamedTuple):
+    xhat: Tensor    # like x (... x C), (x - mean) * rstd: all the backward needs of x and mean
+    weight: Tensor  # C
+    rstd: Tensor    # ... x 1, 1/sqrt(var + eps), one per row
+
+
+def layernorm_forward(x: Tensor, weight: Tensor, bias: Tensor, eps: float = LN_EPS
+                      ) -> tuple[Tensor, LayerNormCache]:
+    """out = weight * (x - mean) / sqrt(var + eps) + bias, the mean and the biased variance
+    (divide by C) over the last dimension of x (... x C), one pair per row."""
+    var, mean = torch.var_mean(x, dim=-1, keepdim=True, correction=0)
+    rstd = (var + eps).rsqrt()
+    xhat = (x - mean) * rstd
+    return torch.addcmul(bias, xhat, weight), LayerNormCache(xhat, weight, rstd)
+
+
+def layernorm_backward(dout: Tensor, cache: LayerNormCache) -> tuple[Tensor, Tensor, Tensor]:
+    """Per row, with dxhat = dout * weight and means over the C features:
+
+        dx = rstd * (dxhat - mean(dxhat) - xhat * mean(dxhat * xhat))
+
+    The two means are the gradients through the row's mean and variance: dx is orthogonal to
+    ones and to xhat in each row, as out does not change when a row is shifted or scaled.
+    weight and bias are shared by every row, so their gradients sum dout * xhat and dout over
+    the rows. xhat and rstd are cached (rstd is one number per row); x and the mean are not,
+    since xhat already carries them. A constant upstream gradient with weight 1 (the usual
+    initialisation) makes dxhat constant along each row, so the true dx is 0 and a backward
+    that dropped the xhat * mean(dxhat * xhat) term (mean(xhat) = 0) would still give 0: the
+    registry uses a random dout and a weight != 1.
+    """
+    c = dout.shape[-1]
+    dbias = dout.reshape(-1, c).sum(0)
+    dweight = (dout * cache.xhat).reshape(-1, c).sum(0)
+    dxhat = dout * cache.weight
+    dx = cache.rstd * (dxhat - dxhat.mean(-1, keepdim=True)
+                       - cache.xhat * (dxhat * cache.xhat).mean(-1, keepdim=True))
+    return dx, dweight, dbias

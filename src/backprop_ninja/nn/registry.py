@@ -92,7 +92,171 @@ def _flatten_inputs(g, n, width, dtype):
     return {"x": _randn(g, n, 8, width, dtype=dtype)}
 
 
+# The normalisation-and-attention modules are imported here, beside their anchor, so that the two
+# part-2 edits of this file never touch the same lines.
+from . import attention as AT  # noqa: E402
+from . import dropout as DR  # noqa: E402
+from . import transformer as TF  # noqa: E402
+
+
+def _layernorm_inputs(g, n, width, dtype):
+    # n sequences of 5 positions, rows of `width` features; weight != 1, so that dx's
+    # xhat * mean(dxhat * xhat) term does not vanish
+    return {"x": _randn(g, n, 5, width, dtype=dtype, scale=2.0, shift=0.5),
+            "weight": _randn(g, width, dtype=dtype, scale=0.3, shift=1.0),
+            "bias": _randn(g, width, dtype=dtype, scale=0.1)}
+
+
+def _attention_params(g, C, dtype):
+    return {"w_qkv": _randn(g, C, 3 * C, dtype=dtype, scale=0.4),
+            "b_qkv": _randn(g, 3 * C, dtype=dtype, scale=0.1),
+            "w_proj": _randn(g, C, C, dtype=dtype, scale=0.4),
+            "b_proj": _randn(g, C, dtype=dtype, scale=0.1)}
+
+
+def _attention_inputs(C, max_T):
+    """C is fixed so that the heads divide it whatever the width (3 or 27, neither even); the
+    width sets T (3 at width 3, max_T at 27), keeping the finite differences small."""
+    def make(g, n, width, dtype):
+        return {"x": _randn(g, n, min(width, max_T), C, dtype=dtype),
+                **_attention_params(g, C, dtype)}
+    return make
+
+
+def _block_inputs(g, n, width, dtype):
+    C = 4  # 2 heads of 2; the MLP is 4 -> 16 -> 4
+    ln = lambda: {"w": _randn(g, C, dtype=dtype, scale=0.3, shift=1.0),  # noqa: E731
+                  "b": _randn(g, C, dtype=dtype, scale=0.1)}
+    ln1, ln2 = ln(), ln()
+    return {"x": _randn(g, n, min(width, 4), C, dtype=dtype), "ln1_w": ln1["w"], "ln1_b": ln1["b"],
+            **_attention_params(g, C, dtype), "ln2_w": ln2["w"], "ln2_b": ln2["b"],
+            "w_fc": _randn(g, C, 4 * C, dtype=dtype, scale=0.5),
+            "b_fc": _randn(g, 4 * C, dtype=dtype, scale=0.1),
+            "w_fc2": _randn(g, 4 * C, C, dtype=dtype, scale=0.3),
+            "b_fc2": _randn(g, C, dtype=dtype, scale=0.1)}
+
+
+def _attention_reference(n_head):
+    # torch's own causal attention on GPT-2's q, k, v split
+    def reference(x, w_qkv, b_qkv, w_proj, b_proj):
+        n, T, C = x.shape
+        q, k, v = F.linear(x, w_qkv.T, b_qkv).split(C, dim=2)
+        heads = lambda t: t.view(n, T, n_head, C // n_head).transpose(1, 2)  # noqa: E731
+        y = F.scaled_dot_product_attention(heads(q), heads(k), heads(v), is_causal=True)
+        return F.linear(y.transpose(1, 2).reshape(n, T, C), w_proj.T, b_proj)
+    return reference
+
+
+def _block_reference(n_head):
+    attention = _attention_reference(n_head)
+
+    def reference(x, ln1_w, ln1_b, w_qkv, b_qkv, w_proj, b_proj, ln2_w, ln2_b,
+                  w_fc, b_fc, w_fc2, b_fc2):
+        C = x.shape[-1]
+        h = F.layer_norm(x, (C,), ln1_w, ln1_b, N.LN_EPS)
+        x = x + attention(h, w_qkv, b_qkv, w_proj, b_proj)
+        h = F.linear(F.layer_norm(x, (C,), ln2_w, ln2_b, N.LN_EPS), w_fc.T, b_fc)
+        return x + F.linear(F.gelu(h, approximate="tanh"), w_fc2.T, b_fc2)
+    return reference
+
+
+DROPOUT_P, DROPOUT_SEED = 0.3, 1234
+
+
+def _dropout_fixed(x):
+    # a fresh generator with the same seed at every call: the same mask for the finite differences
+    return DR.dropout_forward(x, DROPOUT_P, torch.Generator().manual_seed(DROPOUT_SEED))
+
+
+def _dropout_reference(x):
+    # the mask drawn as the layer documents it (uniform float32 u >= p, from the same seed); the
+    # scaling written apart from ours: kept values divided by 1 - p, the others zero
+    g = torch.Generator().manual_seed(DROPOUT_SEED)
+    u = torch.rand(x.shape, generator=g, dtype=torch.float32)
+    return torch.where(u >= DROPOUT_P, x / (1 - DROPOUT_P), torch.zeros_like(x))
+
+
+ATTENTION_ENTRIES = (("attention", 2, 8, 5),       # name, n_head, C, max T
+                     ("attention_odd_heads", 3, 9, 4))  # hs = 3: no power of two assumed
+
 # --- part 2, normalisation and attention: input makers and references (above this line) ---
+
+# The sequence layers' modules are imported here, beside their anchor, so that the two part-2
+# edits of this file never touch the same lines.
+from . import bow as BW  # noqa: E402
+from . import recurrent as RC  # noqa: E402
+
+SEQ_T, SEQ_C = 4, 3  # positions and input width (n_embd) of the recurrent checks
+
+
+def _seq_hidden(width):
+    # H = width at 3; a fixed 6 at 27, where finite differences over the GRU's three
+    # (C + H) x H weights would cost seconds per case
+    return min(width, 6)
+
+
+def _token_position_inputs(g, n, width, dtype):
+    # width plays the vocabulary; 6 position rows for 4 positions, so rows 4 and 5 get zero
+    return {"wte": _randn(g, width, 5, dtype=dtype), "wpe": _randn(g, 6, 5, dtype=dtype),
+            "idx": torch.randint(0, width, (n, SEQ_T), generator=g)}
+
+
+def _token_position_reference(wte, wpe, idx):
+    return F.embedding(idx, wte) + F.embedding(torch.arange(idx.shape[1]), wpe)
+
+
+def _recurrent_start(g, n, width, dtype):
+    H = _seq_hidden(width)
+    return H, {"x": _randn(g, n, SEQ_T, SEQ_C, dtype=dtype),
+               "h0": _randn(g, H, dtype=dtype, scale=0.5)}
+
+
+def _rnn_inputs(g, n, width, dtype):
+    H, inputs = _recurrent_start(g, n, width, dtype)
+    return inputs | {"w": _randn(g, SEQ_C + H, H, dtype=dtype, scale=0.5),
+                     "b": _randn(g, H, dtype=dtype, scale=0.1)}
+
+
+def _rnn_reference(x, h0, w, b):
+    # makemore's RNNCell in a Python loop over t, on the concatenation [x_t, h_prev]
+    h, hs = h0.expand(x.shape[0], -1), []
+    for t in range(x.shape[1]):
+        h = torch.tanh(torch.cat([x[:, t], h], 1) @ w + b)
+        hs.append(h)
+    return torch.stack(hs, 1)
+
+
+def _gru_inputs(g, n, width, dtype):
+    H, inputs = _recurrent_start(g, n, width, dtype)
+    for gate in ("r", "z", "hbar"):
+        inputs[f"w_{gate}"] = _randn(g, SEQ_C + H, H, dtype=dtype, scale=0.5)
+        inputs[f"b_{gate}"] = _randn(g, H, dtype=dtype, scale=0.1)
+    return inputs
+
+
+def _gru_reference(x, h0, w_r, b_r, w_z, b_z, w_hbar, b_hbar):
+    # makemore's GRUCell in a Python loop over t
+    h, hs = h0.expand(x.shape[0], -1), []
+    for t in range(x.shape[1]):
+        xh = torch.cat([x[:, t], h], 1)
+        r = torch.sigmoid(xh @ w_r + b_r)
+        hbar = torch.tanh(torch.cat([x[:, t], r * h], 1) @ w_hbar + b_hbar)
+        z = torch.sigmoid(xh @ w_z + b_z)
+        h = (1 - z) * h + z * hbar
+        hs.append(h)
+    return torch.stack(hs, 1)
+
+
+def _causal_average_inputs(g, n, width, dtype):
+    return {"x": _randn(g, n, 5, width, dtype=dtype, scale=1.5, shift=0.5)}
+
+
+def _causal_average_reference(x):
+    # the explicit lower-triangular averaging matrix: row t holds 1/(t+1) over positions 0..t
+    T = x.shape[1]
+    avg = torch.tril(torch.ones(T, T, dtype=x.dtype))
+    return torch.einsum("ts,nsc->ntc", avg / avg.sum(1, keepdim=True), x)
+
 
 # --- part 2, sequence layers: input makers and references (above this line) ---
 
@@ -142,7 +306,35 @@ REGISTRY: dict[str, LayerSpec] = {spec.name: spec for spec in (
     LayerSpec("flatten_consecutive", "flatten_consecutive",
               lambda x: R.flatten_consecutive_forward(x, 2), R.flatten_consecutive_backward,
               _flatten_reference, _flatten_inputs, ("x",)),
+    LayerSpec("layernorm_3d", "layernorm", N.layernorm_forward, N.layernorm_backward,
+              lambda x, weight, bias: F.layer_norm(x, x.shape[-1:], weight, bias, N.LN_EPS),
+              _layernorm_inputs, ("x", "weight", "bias")),
+    *(LayerSpec(name, "attention",
+                lambda n_head=n_head, **kw: AT.attention_forward(**kw, n_head=n_head),
+                AT.attention_backward, _attention_reference(n_head), _attention_inputs(C, max_T),
+                ("x", "w_qkv", "b_qkv", "w_proj", "b_proj"))
+      for name, n_head, C, max_T in ATTENTION_ENTRIES),
+    LayerSpec("dropout", "dropout", _dropout_fixed, DR.dropout_backward, _dropout_reference,
+              _pointwise_inputs, ("x",)),
+    LayerSpec("dropout_p0", "dropout", lambda x: DR.dropout_forward(x, 0.0, torch.Generator()),
+              DR.dropout_backward, lambda x: x, _pointwise_inputs, ("x",)),
+    LayerSpec("block", "block", lambda **kw: TF.block_forward(**kw, n_head=2), TF.block_backward,
+              _block_reference(2), _block_inputs,
+              ("x", "ln1_w", "ln1_b", "w_qkv", "b_qkv", "w_proj", "b_proj", "ln2_w", "ln2_b",
+               "w_fc", "b_fc", "w_fc2", "b_fc2")),
     # --- part 2, normalisation and attention: entries (above this line) ---
+    LayerSpec("sigmoid", "sigmoid", A.sigmoid_forward, A.sigmoid_backward,
+              lambda x: 1.0 / (1.0 + torch.exp(-x)), _pointwise_inputs, ("x",)),
+    LayerSpec("token_position", "token_position", E.token_position_forward,
+              E.token_position_backward, _token_position_reference, _token_position_inputs,
+              ("wte", "wpe")),
+    LayerSpec("rnn", "rnn", RC.rnn_forward, RC.rnn_backward, _rnn_reference, _rnn_inputs,
+              ("x", "h0", "w", "b")),
+    LayerSpec("gru", "gru", RC.gru_forward, RC.gru_backward, _gru_reference, _gru_inputs,
+              ("x", "h0", "w_r", "b_r", "w_z", "b_z", "w_hbar", "b_hbar")),
+    LayerSpec("causal_average", "causal_average", BW.causal_average_forward,
+              BW.causal_average_backward, _causal_average_reference, _causal_average_inputs,
+              ("x",)),
     # --- part 2, sequence layers: entries (above this line) ---
 )}
 

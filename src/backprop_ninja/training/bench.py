@@ -19,7 +19,7 @@ import json
 import multiprocessing as mp
 import statistics
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 import torch
@@ -50,9 +50,13 @@ def make_problem(spec: ModelSpec, batch: int, overrides: dict, device: str, N: i
                  seed: int = 0):
     """Random examples shaped like the names' training split, and the recipe's initialisation."""
     cfg = spec.config(vocab_size=VOCAB, **{**spec.defaults(), **overrides})
+    if spec.layout == "sequence":  # names.txt's: 25,626 training items in blocks of 16
+        cfg = replace(cfg, block_size=cfg.block_size or 16)
+        N = 25_626
     g = torch.Generator().manual_seed(seed)
-    X = torch.randint(0, VOCAB, (N, spec.block_size(cfg)), generator=g).to(device)
-    Y = torch.randint(0, VOCAB, (N,), generator=g).to(device)
+    T = spec.block_size(cfg)
+    X = torch.randint(0, VOCAB, (N, T), generator=g).to(device)
+    Y = torch.randint(0, VOCAB, (N, T) if spec.layout == "sequence" else (N,), generator=g).to(device)
     params = {k: v.to(device) for k, v in spec.init(cfg, g).items()}
     return params, X, Y
 

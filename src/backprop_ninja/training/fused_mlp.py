@@ -16,7 +16,7 @@ from torch import Tensor
 
 from ..models.base import ModelSpec, Params
 from ..nn.normalisation import BN_EPS, check_batch_size
-from .optim import FlatParams
+from .optim import FlatParams, OptimConfig, make_optimizer
 
 
 class FastStep:
@@ -26,12 +26,14 @@ class FastStep:
     lecture's size a kernel launch or a view costs about as much as the arithmetic it does.
     """
 
-    def __init__(self, spec: ModelSpec, params: Params, X: Tensor, Y: Tensor, batch_size: int):
+    def __init__(self, spec: ModelSpec, params: Params, X: Tensor, Y: Tensor, batch_size: int,
+                 opt: OptimConfig = OptimConfig(), generator: torch.Generator | None = None):
         check_batch_size(batch_size)
         self.X, self.Y, self.n = X, Y, batch_size
         ref = params["W1"]
         self.buffers = FlatParams(params)
         self.flat, self.params, self.grads = self.buffers.flat, self.buffers.params, self.buffers.grads
+        self.optimizer = make_optimizer(self.buffers, opt)
         n, T = batch_size, X.shape[1]
         V, E = params["C"].shape
         H = params["W1"].shape[1]
@@ -59,7 +61,7 @@ class FastStep:
 
     def step(self, ix: Tensor, lr: float) -> Tensor:
         loss = self.forward_backward(ix)
-        self.buffers.sgd(lr)
+        self.optimizer.step(lr)
         return loss
 
     def forward_backward(self, ix: Tensor) -> Tensor:

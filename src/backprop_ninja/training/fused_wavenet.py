@@ -21,7 +21,7 @@ from torch import Tensor
 from ..models.base import ModelSpec, Params
 from ..models.wavenet import MERGE, level_names
 from ..nn.normalisation import BN_EPS, check_batch_size
-from .optim import FlatParams
+from .optim import FlatParams, OptimConfig, make_optimizer
 
 
 @dataclass
@@ -52,12 +52,14 @@ class Level:
 
 
 class FastStep:
-    def __init__(self, spec: ModelSpec, params: Params, X: Tensor, Y: Tensor, batch_size: int):
+    def __init__(self, spec: ModelSpec, params: Params, X: Tensor, Y: Tensor, batch_size: int,
+                 opt: OptimConfig = OptimConfig(), generator: torch.Generator | None = None):
         check_batch_size(batch_size)
         self.X, self.Y, self.n = X, Y, batch_size
         ref = params["C"]
         self.buffers = FlatParams(params)
         self.flat, self.params, self.grads = self.buffers.flat, self.buffers.params, self.buffers.grads
+        self.optimizer = make_optimizer(self.buffers, opt)
         p, g = self.params, self.grads
         n, T = batch_size, X.shape[1]
         V, E = p["C"].shape
@@ -91,7 +93,7 @@ class FastStep:
 
     def step(self, ix: Tensor, lr: float) -> Tensor:
         loss = self.forward_backward(ix)
-        self.buffers.sgd(lr)
+        self.optimizer.step(lr)
         return loss
 
     def forward_backward(self, ix: Tensor) -> Tensor:

@@ -14,7 +14,7 @@ import signal
 import sys
 import time
 from contextlib import contextmanager
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import MISSING, asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Callable
 
@@ -27,6 +27,7 @@ from ..data import Dataset, default_data_path
 from ..errors import UserError
 from ..models.base import ModelSpec, Params, calibrate, evaluate
 from . import workdir as W
+from .optim import OPTIMIZERS, FlatParams, OptimConfig, make_optimizer
 from .steps import make_step
 
 FLUSH_EVERY = 100  # steps between fetches of the loss (one device sync per fetch)
@@ -39,7 +40,12 @@ PROGRESS_CALIBRATION = 32_768
 @dataclass(frozen=True)
 class TrainConfig:
     """What defines a run's trajectory; all but ``steps`` must match when it is resumed. The
-    defaults are each model's recipe (``ModelSpec.recipe``)."""
+    defaults are each model's recipe (``ModelSpec.recipe``).
+
+    The learning rate: a linear warm-up from 0 over ``warmup_steps``, then ``lr``; with the
+    "step" schedule ``lr_decay_to`` from ``lr_decay_step`` on (the lecture's), with "cosine" a
+    half cosine from ``lr`` down to ``lr_decay_to`` at ``lr_decay_step``, constant after it.
+    """
 
     steps: int
     batch_size: int
@@ -47,20 +53,43 @@ class TrainConfig:
     lr_decay_step: int
     lr_decay_to: float
     seed: int
+    optimizer: str = "sgd"
+    weight_decay: float = 0.0
+    warmup_steps: int = 0
+    lr_schedule: str = "step"
 
     def lr_at(self, step: int) -> float:
-        return self.lr if step < self.lr_decay_step else self.lr_decay_to
+        if step < self.warmup_steps:
+            return self.lr * (step + 1) / self.warmup_steps
+        if step >= self.lr_decay_step:
+            return self.lr_decay_to
+        if self.lr_schedule == "step":
+            return self.lr
+        progress = (step - self.warmup_steps) / max(1, self.lr_decay_step - self.warmup_steps)
+        return self.lr_decay_to + 0.5 * (self.lr - self.lr_decay_to) * (1 + math.cos(math.pi * progress))
+
+    def optim(self) -> OptimConfig:
+        return OptimConfig(self.optimizer, self.weight_decay)
 
     def validate(self) -> None:
         if self.batch_size < 1:
             raise UserError(f"--batch-size must be at least 1, got {self.batch_size}")
-        for name in ("steps", "lr_decay_step"):
+        for name in ("steps", "lr_decay_step", "warmup_steps"):
             if getattr(self, name) < 0:
                 raise UserError(f"--{name.replace('_', '-')} must be 0 or more, got {getattr(self, name)}")
         for name in ("lr", "lr_decay_to"):
             value = getattr(self, name)
             if not (math.isfinite(value) and value > 0):
                 raise UserError(f"--{name.replace('_', '-')} must be a positive number, got {value}")
+        if not (math.isfinite(self.weight_decay) and 0 <= self.weight_decay < 1):
+            raise UserError(f"--weight-decay must be in [0, 1), got {self.weight_decay}")
+        if self.optimizer not in OPTIMIZERS:
+            raise UserError(f"--optimizer {self.optimizer} is not one of {', '.join(OPTIMIZERS)}")
+        if self.lr_schedule not in SCHEDULES:
+            raise UserError(f"--lr-schedule {self.lr_schedule} is not one of {', '.join(SCHEDULES)}")
+
+
+SCHEDULES = ("step", "cosine")
 
 
 @dataclass
@@ -93,6 +122,7 @@ class RunState:
     # the run's files as they were
     files_written: bool = False
     start_step: int = 0
+    optimizer_state: dict = field(default_factory=dict)  # from the checkpoint, when resumed
 
 
 class Diverged(UserError):
@@ -113,8 +143,10 @@ def start_run(workdir: Path, input_path: str | None, spec: ModelSpec, cfg_flags:
     tcfg.validate()
     path = Path(input_path).resolve() if input_path else None
     block_size = spec.block_size(spec.make_config(1, cfg_flags))
-    data = Dataset.load(path or default_data_path(), block_size=block_size, seed=split_seed)
-    cfg = spec.make_config(data.vocab.size, cfg_flags)
+    data = Dataset.load(path or default_data_path(), block_size=block_size, seed=split_seed,
+                        layout=spec.layout)
+    cfg = spec.make_config(data.vocab.size, {**cfg_flags, "block_size": data.block_size}
+                           if "block_size" in spec.flags() else cfg_flags)
     # As in the lecture, the generator that initialised the model goes on to draw the batches.
     # On a GPU the batches need a generator there: a CUDA one with the same seed.
     init_g = torch.Generator().manual_seed(tcfg.seed)
@@ -173,6 +205,12 @@ def resume_run(workdir: Path, input_path: str | None, model_type: str | None, cf
     except (KeyError, RuntimeError):
         raise UserError(f"{workdir / W.CHECKPOINT} has no valid RNG state; train again into a new "
                         "-o WORKDIR") from None
+    optimizer_state = {k: v.to(device) for k, v in tensors.items() if k.startswith(tcfg.optimizer + "_")}
+    expected = set(make_optimizer(FlatParams(params), tcfg.optim()).state())
+    if set(optimizer_state) != expected:
+        raise UserError(f"{workdir / W.CHECKPOINT} lacks the {tcfg.optimizer} state "
+                        f"({', '.join(sorted(expected - set(optimizer_state)))}); train again into "
+                        "a new -o WORKDIR")
     step = int(meta["step"])
     if tcfg.steps < step:
         raise UserError(f"--steps {tcfg.steps} is below the checkpoint's step {step}; pass a total of "
@@ -183,15 +221,18 @@ def resume_run(workdir: Path, input_path: str | None, model_type: str | None, cf
                         f"{step}; train again into a new -o WORKDIR")
     config["train"] = asdict(tcfg)
     return RunState(workdir, config, tcfg, spec, cfg, data, params, g, step, metrics,
-                    start_step=step)
+                    start_step=step, optimizer_state=optimizer_state)
 
 
 def train_config(config: dict, workdir: Path) -> TrainConfig:
+    """The recorded TrainConfig; fields added since a run was made take their defaults."""
     recorded = config["train"]
     fields = TrainConfig.__dataclass_fields__
-    if set(recorded) != set(fields) or not all(
-            isinstance(recorded[k], (int, float)) and not isinstance(recorded[k], bool) for k in fields):
-        raise W.bad_config(workdir / W.CONFIG, f"the train section needs numbers {sorted(fields)}")
+    required = {k for k, f in fields.items() if f.default is MISSING}
+    kinds = {k: (str,) if isinstance(f.default, str) else (int, float) for k, f in fields.items()}
+    if not required <= set(recorded) <= set(fields) or not all(
+            isinstance(v, kinds[k]) and not isinstance(v, bool) for k, v in recorded.items()):
+        raise W.bad_config(workdir / W.CONFIG, f"the train section needs {sorted(fields)}")
     return TrainConfig(**recorded)
 
 
@@ -213,7 +254,7 @@ def checkpoint_step(workdir: Path) -> str:
 # ---------------------------------------------------------------------------------------------
 # saving
 
-def save_progress(state: RunState, unsaved: list[dict]) -> None:
+def save_progress(state: RunState, unsaved: list[dict], optimizer_state: dict) -> None:
     """Checkpoint the run; the first time, also write its config and all its metrics so far."""
     if state.files_written:
         W.append_metrics(state.workdir, unsaved)
@@ -221,7 +262,7 @@ def save_progress(state: RunState, unsaved: list[dict]) -> None:
         W.write_config(state.workdir, state.config)
         W.write_metrics(state.workdir, state.metrics)
         state.files_written = True
-    W.save_checkpoint(state.workdir, state.params, state.generator, state.step)
+    W.save_checkpoint(state.workdir, state.params, state.generator, state.step, optimizer_state)
 
 
 def save_model(state: RunState) -> tuple[float, float, int]:
@@ -285,7 +326,10 @@ def run_loop(state: RunState, opts: Options) -> str:
     """Train from state.step to tcfg.steps; return 'done' or 'interrupted'. Saves as it goes."""
     tcfg, spec, device = state.tcfg, state.spec, next(iter(state.params.values())).device
     X, Y = (t.to(device) for t in state.data.splits["train"])
-    stepper = make_step(opts.grad, spec, state.params, X, Y, tcfg.batch_size)
+    stepper = make_step(opts.grad, spec, state.params, X, Y, tcfg.batch_size, tcfg.optim(),
+                        state.generator)
+    if state.optimizer_state:
+        stepper.optimizer.load_state(state.optimizer_state)
     state.params = stepper.params
     ix = torch.empty(tcfg.batch_size, dtype=torch.long, device=device)
     Xva, Yva = (t.to(device) for t in state.data.splits["val"])
@@ -330,7 +374,7 @@ def run_loop(state: RunState, opts: Options) -> str:
         probe = spec.forward(state.params, X[:probe_size], Y[:probe_size]).loss.item()
         if not (math.isfinite(probe) and all(torch.isfinite(p).all() for p in state.params.values())):
             raise diverged(probe, state.step)
-        save_progress(state, unsaved)
+        save_progress(state, unsaved, stepper.optimizer.state())
         unsaved = []
         last_good = state.step
 

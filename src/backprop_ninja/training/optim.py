@@ -2,10 +2,14 @@
 
 With every parameter a view into one flat tensor and every gradient a view into another, an
 optimiser step is a handful of kernels whatever the number of parameters: at the lecture's size
-a kernel launch costs about as much as the arithmetic it does.
+a kernel launch costs about as much as the arithmetic it does. The optimisers are written by
+hand too; their state (AdamW's moments) lives in the checkpoint, so a resumed run is bit-exact.
 """
 
 from __future__ import annotations
+
+import math
+from dataclasses import dataclass
 
 import torch
 from torch import Tensor
@@ -32,6 +36,76 @@ class FlatParams:
         self.params = views(self.flat, params)
         self.grads = views(self.grad, params)
 
-    def sgd(self, lr: float) -> None:
-        """Plain SGD, the lecture's: p -= lr * dp, for every parameter in one kernel."""
-        self.flat.add_(self.grad, alpha=-lr)
+
+@dataclass(frozen=True)
+class OptimConfig:
+    """The update rule: plain SGD (the lecture's) or AdamW (makemore's)."""
+
+    name: str = "sgd"
+    weight_decay: float = 0.0
+    beta1: float = 0.9
+    beta2: float = 0.99
+    eps: float = 1e-8
+
+
+class SGD:
+    """p -= lr * dp, every parameter in one kernel (weight decay, if any, as AdamW's: p *= 1 - lr*wd)."""
+
+    def __init__(self, buffers: FlatParams, cfg: OptimConfig):
+        self.buffers, self.cfg = buffers, cfg
+
+    def step(self, lr: float) -> None:
+        if self.cfg.weight_decay:
+            self.buffers.flat.mul_(1.0 - lr * self.cfg.weight_decay)
+        self.buffers.flat.add_(self.buffers.grad, alpha=-lr)
+
+    def state(self) -> dict[str, Tensor]:
+        return {}
+
+    def load_state(self, state: dict[str, Tensor]) -> None:
+        pass
+
+
+class AdamW:
+    """Adam with decoupled weight decay (Loshchilov and Hutter), as torch.optim.AdamW computes it:
+
+        p *= 1 - lr * wd
+        m = b1 m + (1 - b1) g            v = b2 v + (1 - b2) g^2
+        p -= lr * (m / (1 - b1^t)) / (sqrt(v / (1 - b2^t)) + eps)
+
+    over the flat buffers: a few kernels per step whatever the number of parameters.
+    """
+
+    def __init__(self, buffers: FlatParams, cfg: OptimConfig):
+        self.buffers, self.cfg = buffers, cfg
+        self.m = torch.zeros_like(buffers.flat)
+        self.v = torch.zeros_like(buffers.flat)
+        self.denom = torch.zeros_like(buffers.flat)
+        self.t = 0
+
+    def step(self, lr: float) -> None:
+        c, p, g = self.cfg, self.buffers.flat, self.buffers.grad
+        self.t += 1
+        p.mul_(1.0 - lr * c.weight_decay)
+        self.m.lerp_(g, 1.0 - c.beta1)
+        self.v.mul_(c.beta2).addcmul_(g, g, value=1.0 - c.beta2)
+        bias1 = 1.0 - c.beta1 ** self.t
+        bias2 = 1.0 - c.beta2 ** self.t
+        torch.sqrt(self.v, out=self.denom).div_(math.sqrt(bias2)).add_(c.eps)
+        p.addcdiv_(self.m, self.denom, value=-lr / bias1)
+
+    def state(self) -> dict[str, Tensor]:
+        return {"adamw_m": self.m, "adamw_v": self.v,
+                "adamw_t": torch.tensor(self.t, dtype=torch.long)}
+
+    def load_state(self, state: dict[str, Tensor]) -> None:
+        self.m.copy_(state["adamw_m"])
+        self.v.copy_(state["adamw_v"])
+        self.t = int(state["adamw_t"])
+
+
+OPTIMIZERS = {"sgd": SGD, "adamw": AdamW}
+
+
+def make_optimizer(buffers: FlatParams, cfg: OptimConfig):
+    return OPTIMIZERS[cfg.name](buffers, cfg)

@@ -1,8 +1,10 @@
 """Sampling: many items at once, one batched forward pass per character position.
 
-Every item starts from an all-boundary context; at each position the whole batch draws its next
-index from softmax(logits / temperature) (optionally restricted to the top k), and an item ends
-at the boundary token. Items still running at ``max_len`` are cut there.
+Every item starts from the boundary token (a context model sees a window of block_size of them;
+a sequence model a sequence of one, which grows up to block_size, its last position predicting);
+at each position the whole batch draws its next index from softmax(logits / temperature)
+(optionally restricted to the top k), and an item ends at the boundary token. Items still
+running at ``max_len`` are cut there.
 """
 
 from __future__ import annotations
@@ -24,7 +26,8 @@ def sample_indices(spec: ModelSpec, params: Params, stats: Stats, block_size: in
     if not (math.isfinite(temperature) and temperature > 0):
         raise UserError(f"--temperature must be a positive number, got {temperature}")
     device = next(iter(params.values())).device
-    context = torch.zeros(num, block_size, dtype=torch.long, device=device)
+    sequence = spec.layout == "sequence"
+    context = torch.zeros(num, 1 if sequence else block_size, dtype=torch.long, device=device)
     V = spec.forward(params, context[:1], stats=stats).logits.shape[-1]
     if top_k is not None and not 1 <= top_k <= V:
         raise UserError(f"--top-k must be between 1 and the vocabulary size {V}, got {top_k}")
@@ -32,14 +35,15 @@ def sample_indices(spec: ModelSpec, params: Params, stats: Stats, block_size: in
     running = torch.ones(num, dtype=torch.bool, device=device)
     length = torch.full((num,), max_len, dtype=torch.long, device=device)
     for t in range(max_len):
-        logits = spec.forward(params, context, stats=stats).logits / temperature
+        logits = spec.forward(params, context, stats=stats).logits
+        logits = (logits[:, -1] if sequence else logits) / temperature
         probs = torch.softmax(restrict_top_k(logits, top_k), dim=1)
         ix = torch.multinomial(probs, 1, generator=generator).view(-1)
         ended = running & (ix == 0)
         length[ended] = t
         running &= ~ended
         out[:, t] = ix * running
-        context = torch.cat([context[:, 1:], ix.view(-1, 1)], dim=1)
+        context = torch.cat([context, ix.view(-1, 1)], dim=1)[:, -block_size:]
         if not running.any():
             break
     return [row[:n].tolist() for row, n in zip(out.cpu(), length.cpu().tolist())]

@@ -3,14 +3,15 @@
 - ``fast``: the default. A model's fused step where it has one (``fused_mlp``, ``fused_wavenet``):
   the same hand-written math as the model's backward, as few kernels as possible into buffers
   allocated once. A model without one trains with its eager step.
-- ``eager``: the model's layer-pair forward and backward, then SGD per parameter; the readable one.
+- ``eager``: the model's layer-pair forward and backward, then the optimiser; the readable one.
 - ``lecture`` (the MLP only): the lecture's atomic backward with its Python loop for dC, the
   exercise-1 solution (a speed baseline).
 - ``autograd``: ``loss.backward()`` through the model's forward. A reference for checks and
   benchmarks only.
 
 Every step takes the batch's row indices ``ix`` into the training examples and the learning rate,
-updates its parameters (``step.params``) in place, and returns the batch loss (a 0-dim tensor,
+updates its parameters (``step.params``, views into one flat buffer) with its optimiser
+(``step.optimizer``, see ``optim``) in place, and returns the batch loss (a 0-dim tensor,
 computed before the update); ``step.grads`` then holds the batch's gradients. None but the
 autograd step builds an autograd graph.
 """
@@ -21,25 +22,29 @@ import torch
 from torch import Tensor
 
 from ..checking import atomic
-from ..models.base import ModelSpec, Params, loss_and_grads
+from ..models.base import ModelSpec, Params
 from . import fused_mlp, fused_wavenet
+from .optim import FlatParams, OptimConfig, make_optimizer, views
 
 FUSED = {"mlp": fused_mlp.FastStep, "wavenet": fused_wavenet.FastStep}
 
 
 class EagerStep:
-    """The readable step: the model's forward and backward, then SGD per parameter."""
+    """The readable step: the model's forward and backward, then the optimiser."""
 
-    def __init__(self, spec: ModelSpec, params: Params, X: Tensor, Y: Tensor, batch_size: int):
-        self.spec, self.X, self.Y = spec, X, Y
-        self.params = {k: v.detach().clone() for k, v in params.items()}
-        self.grads = {k: torch.zeros_like(v) for k, v in self.params.items()}
+    def __init__(self, spec: ModelSpec, params: Params, X: Tensor, Y: Tensor, batch_size: int,
+                 opt: OptimConfig = OptimConfig(), generator: torch.Generator | None = None):
+        self.spec, self.X, self.Y, self.generator = spec, X, Y, generator
+        self.buffers = FlatParams(params)
+        self.params, self.grads = self.buffers.params, self.buffers.grads
+        self.optimizer = make_optimizer(self.buffers, opt)
 
     def step(self, ix: Tensor, lr: float) -> Tensor:
-        loss, self.grads = loss_and_grads(self.spec, self.params, self.X[ix], self.Y[ix])
-        for name, p in self.params.items():
-            p.add_(self.grads[name], alpha=-lr)
-        return loss
+        result = self.spec.forward(self.params, self.X[ix], self.Y[ix], rng=self.generator)
+        for name, grad in self.spec.backward(result.cache).items():
+            self.grads[name].copy_(grad)
+        self.optimizer.step(lr)
+        return result.loss
 
 
 class LectureStep(EagerStep):
@@ -49,30 +54,29 @@ class LectureStep(EagerStep):
         xb, yb = self.X[ix], self.Y[ix]
         t = atomic.atomic_forward(self.params, xb, yb)
         d = atomic.atomic_backward(self.params, xb, yb, t)
-        self.grads = {name: d[name] for name in self.params}
-        for name, p in self.params.items():
-            p.add_(d[name], alpha=-lr)
+        for name, grad in self.grads.items():
+            grad.copy_(d[name])
+        self.optimizer.step(lr)
         return t["loss"]
 
 
 class AutogradStep(EagerStep):
-    """Reference only: the same forward, gradients from ``loss.backward()``."""
+    """Reference only: the same forward and optimiser, gradients from ``loss.backward()``.
 
-    def __init__(self, spec: ModelSpec, params: Params, X: Tensor, Y: Tensor, batch_size: int):
-        super().__init__(spec, params, X, Y, batch_size)
-        for p in self.params.values():
-            p.requires_grad_(True)
+    The flat parameter buffer is the autograd leaf; the named parameters are views of it, made
+    afresh under autograd each step, so the gradient arrives flat, where the optimiser wants it.
+    """
 
     def step(self, ix: Tensor, lr: float) -> Tensor:
+        flat = self.buffers.flat
         with torch.enable_grad():
-            loss = self.spec.forward(self.params, self.X[ix], self.Y[ix]).loss
-            for p in self.params.values():
-                p.grad = None
-            loss.backward()
-        self.grads = {k: p.grad for k, p in self.params.items()}
-        with torch.no_grad():
-            for p in self.params.values():
-                p.add_(p.grad, alpha=-lr)
+            flat.requires_grad_(True)
+            loss = self.spec.forward(views(flat, self.params), self.X[ix], self.Y[ix],
+                                     rng=self.generator).loss
+            (grad,) = torch.autograd.grad(loss, flat)
+        flat.requires_grad_(False)
+        self.buffers.grad.copy_(grad)
+        self.optimizer.step(lr)
         return loss.detach()
 
 
@@ -85,5 +89,6 @@ def routes(spec: ModelSpec) -> dict[str, type]:
             "fast": FUSED.get(spec.name, EagerStep)}
 
 
-def make_step(route: str, spec: ModelSpec, params: Params, X: Tensor, Y: Tensor, batch_size: int):
-    return routes(spec)[route](spec, params, X, Y, batch_size)
+def make_step(route: str, spec: ModelSpec, params: Params, X: Tensor, Y: Tensor, batch_size: int,
+              opt: OptimConfig = OptimConfig(), generator: torch.Generator | None = None):
+    return routes(spec)[route](spec, params, X, Y, batch_size, opt, generator)

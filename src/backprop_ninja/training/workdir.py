@@ -3,7 +3,8 @@
     config.json             model and training config, vocabulary, input file, split seed
     model.safetensors       the parameters and the calibrated batchnorm statistics
                             (<layer>_mean, <layer>_var)
-    checkpoint.safetensors  parameters, step and batch-sampling RNG state, for --resume
+    checkpoint.safetensors  parameters, optimiser state (AdamW's moments), step and the RNG state
+                            of batch sampling (and dropout), for --resume
     metrics.jsonl           one JSON line per step: step, loss, lr (+ val_loss, ud where measured)
     loss.png                log10 of the loss, averaged per 1000 steps, and the val loss
     .train.lock             held (an OS lock) by the train run using the directory, if any
@@ -174,7 +175,8 @@ def load_data(config: dict, path: Path | None = None, takes_input: bool = False)
         where = "pass its new location with -i FILE" if takes_input else "put it back there"
         raise UserError(f"the input file this run was trained on, {path}, is missing; {where}")
     spec, cfg = model_from_config(config)
-    data = Dataset.load(path, block_size=spec.block_size(cfg), seed=config["data"]["split_seed"])
+    data = Dataset.load(path, block_size=spec.block_size(cfg), seed=config["data"]["split_seed"],
+                        layout=spec.layout)
     recorded = config["data"].get("sha256")
     if recorded is not None and recorded != data.sha256:
         where = "restore the original (or pass its location with -i FILE)" if takes_input else \
@@ -292,8 +294,9 @@ def write_config(workdir: Path, config: dict) -> None:
     write_text(workdir / CONFIG, json.dumps(config, indent=2, ensure_ascii=False))
 
 
-def save_checkpoint(workdir: Path, params: Params, generator: torch.Generator, step: int) -> None:
-    tensors = {**params, "rng_state": generator.get_state()}
+def save_checkpoint(workdir: Path, params: Params, generator: torch.Generator, step: int,
+                    optimizer_state: dict[str, torch.Tensor]) -> None:
+    tensors = {**params, **optimizer_state, "rng_state": generator.get_state()}
     meta = {"step": str(step), "device": next(iter(params.values())).device.type}
     save_tensors(workdir / CHECKPOINT, tensors, meta)
 

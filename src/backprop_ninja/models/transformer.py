@@ -1,0 +1,126 @@
+"""makemore's transformer, GPT-2 style: every backward by hand, in the layers it is built from.
+
+Dimension letters: n batch, T block_size (the longest item + 1), C n_embd, V vocab; L n_layer.
+
+    x      = wte[X] + wpe[0..T-1]                       n x T x C
+    x      = block_l(x) for l = 0..L-1                  pre-norm: x + attn(ln1(x)), + mlp(ln2(x))
+    x      = layernorm(x; lnf)
+    logits = x @ lm_head                                n x T x V  (no bias)
+    loss   = cross_entropy(logits, Y), padded targets ignored
+
+The block (``nn.transformer``) holds causal multi-head self-attention and a 4x tanh-GELU MLP,
+each with its residual. 204,544 parameters at makemore's size on names.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import NamedTuple
+
+import torch
+from torch import Tensor
+
+from ..errors import UserError
+from ..nn.attention import check_heads
+from ..nn.embedding import TokenPositionCache, token_position_backward, token_position_forward
+from ..nn.linear import LinearCache, linear_backward, linear_forward
+from ..nn.losses import IGNORE_INDEX, CrossEntropyCache, cross_entropy_backward, cross_entropy_forward
+from ..nn.normalisation import LayerNormCache, layernorm_backward, layernorm_forward
+from ..nn.transformer import BlockCache, block_backward, block_forward
+from .base import Forward, ModelSpec, Params, Stats
+from .rnn import ADAMW_RECIPE, uniform
+
+BLOCK_PARAMS = ("ln1_w", "ln1_b", "w_qkv", "b_qkv", "w_proj", "b_proj", "ln2_w", "ln2_b",
+                "w_fc", "b_fc", "w_fc2", "b_fc2")  # block_forward's order
+
+
+@dataclass(frozen=True)
+class Config:
+    vocab_size: int
+    block_size: int = 0   # 0: the longest item + 1, from the data
+    n_layer: int = 4
+    n_head: int = 4
+    n_embd: int = 64
+
+
+def check_config(cfg: Config) -> None:
+    for name in ("n_layer", "n_head", "n_embd"):
+        if getattr(cfg, name) < 1:
+            raise UserError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(cfg, name)}")
+    if cfg.block_size < 0:
+        raise UserError(f"--block-size must be at least 1, got {cfg.block_size}")
+    check_heads(cfg.n_embd, cfg.n_head)
+
+
+def init(cfg: Config, g: torch.Generator) -> Params:
+    """makemore's (PyTorch's defaults): embeddings N(0, 1), linear layers U(+-1/sqrt(fan_in)),
+    layer norms weight 1 and bias 0. The qkv bias is kept as 3 x n_head x head_size (its 3C
+    values, viewed): the one parameter whose shape says how the heads split, so that the
+    forward needs nothing but the parameters."""
+    V, T, C, H = cfg.vocab_size, cfg.block_size, cfg.n_embd, cfg.n_head
+    params = {"wte": torch.randn((V, C), generator=g), "wpe": torch.randn((T, C), generator=g)}
+    for l in range(cfg.n_layer):
+        params.update({
+            f"h{l}.ln1_w": torch.ones(C), f"h{l}.ln1_b": torch.zeros(C),
+            f"h{l}.w_qkv": uniform(g, C, C, 3 * C), f"h{l}.b_qkv": uniform(g, C, 3, H, C // H),
+            f"h{l}.w_proj": uniform(g, C, C, C), f"h{l}.b_proj": uniform(g, C, C),
+            f"h{l}.ln2_w": torch.ones(C), f"h{l}.ln2_b": torch.zeros(C),
+            f"h{l}.w_fc": uniform(g, C, C, 4 * C), f"h{l}.b_fc": uniform(g, C, 4 * C),
+            f"h{l}.w_fc2": uniform(g, 4 * C, 4 * C, C), f"h{l}.b_fc2": uniform(g, 4 * C, C)})
+    params.update({"lnf_w": torch.ones(C), "lnf_b": torch.zeros(C),
+                   "lm_head": uniform(g, C, C, V)})
+    return params
+
+
+def n_layer(params: Params) -> int:
+    return sum(1 for k in params if k.endswith(".ln1_w"))
+
+
+class Cache(NamedTuple):
+    emb: TokenPositionCache
+    blocks: tuple[BlockCache, ...]
+    lnf: LayerNormCache
+    head: LinearCache
+    ce: CrossEntropyCache | None
+    qkv_bias_shape: torch.Size  # 3 x n_head x head_size
+
+
+def forward(params: Params, X: Tensor, Y: Tensor | None = None, stats: Stats | None = None,
+            rng: torch.Generator | None = None) -> Forward:
+    qkv_bias_shape = params["h0.b_qkv"].shape
+    x, emb_c = token_position_forward(params["wte"], params["wpe"], X)       # n x T x C
+    blocks = []
+    for l in range(n_layer(params)):
+        weights = [params[f"h{l}.{k}"].reshape(-1) if k == "b_qkv" else params[f"h{l}.{k}"]
+                   for k in BLOCK_PARAMS]
+        x, block_c = block_forward(x, *weights, qkv_bias_shape[1])
+        blocks.append(block_c)
+    x, lnf_c = layernorm_forward(x, params["lnf_w"], params["lnf_b"])
+    logits, head_c = linear_forward(x, params["lm_head"])                     # n x T x V
+    loss, ce_c = cross_entropy_forward(logits, Y, IGNORE_INDEX) if Y is not None else (None, None)
+    cache = Cache(emb_c, tuple(blocks), lnf_c, head_c, ce_c, qkv_bias_shape)
+    return Forward(logits, loss, cache, {}, {})
+
+
+def backward(cache: Cache, act_grads: dict[str, Tensor] | None = None) -> Params:
+    """The forward in reverse: head, final norm, the blocks from the last, the embeddings."""
+    (dlogits,) = cross_entropy_backward(1.0, cache.ce)
+    dx, dlm_head = linear_backward(dlogits, cache.head)
+    dx, dlnf_w, dlnf_b = layernorm_backward(dx, cache.lnf)
+    grads = {"lm_head": dlm_head, "lnf_w": dlnf_w, "lnf_b": dlnf_b}
+    for l in range(len(cache.blocks) - 1, -1, -1):
+        dx, *dblock = block_backward(dx, cache.blocks[l])
+        grads.update({f"h{l}.{k}": d for k, d in zip(BLOCK_PARAMS, dblock)})
+        grads[f"h{l}.b_qkv"] = grads[f"h{l}.b_qkv"].view(cache.qkv_bias_shape)
+    grads["wte"], grads["wpe"] = token_position_backward(dx, cache.emb)
+    if act_grads is not None:
+        act_grads["logits"] = dlogits
+    return grads
+
+
+SPEC = ModelSpec(
+    name="transformer", summary="makemore's transformer: GPT-2 style pre-norm blocks of causal "
+                                "self-attention and a 4x GELU MLP, every backward by hand",
+    config=Config, recipe=ADAMW_RECIPE, layout="sequence", init=init, forward=forward,
+    backward=backward, check_config=check_config,
+    tiny={"n_layer": 2, "n_head": 2, "n_embd": 8}, bench_sizes=((32, {}),))

@@ -1,0 +1,48 @@
+"""Inverted dropout: keep each value with probability 1 - p and scale the kept ones by 1/(1-p),
+so the expected output is x and evaluation needs no rescaling (it calls the layer with p = 0).
+
+The mask comes from an explicit generator, so a step is reproducible from its seed; it is drawn
+in float32 whatever x's dtype, so the same seed gives the same mask in float32 and float64.
+
+Dimension letters: any shape; the mask has x's shape.
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import torch
+from torch import Tensor
+
+from ..errors import UserError
+
+
+class DropoutCache(NamedTuple):
+    keep: Tensor | None  # bool, like x: the values kept (None for p == 0: everything passes)
+    scale: float         # 1 / (1 - p)
+
+
+def dropout_forward(x: Tensor, p: float, generator: torch.Generator
+                    ) -> tuple[Tensor, DropoutCache]:
+    """out = x * keep / (1 - p), keep[i] = (u[i] >= p), u uniform in [0, 1) from ``generator``.
+    p == 0 returns x itself and draws nothing (the generator is left as it was)."""
+    if not 0.0 <= p < 1.0:
+        raise UserError(f"--dropout must be at least 0 and below 1, got {p}: it is the "
+                        "probability of zeroing a value (1 would zero them all)")
+    if p == 0.0:
+        return x, DropoutCache(None, 1.0)
+    u = torch.rand(x.shape, generator=generator, dtype=torch.float32, device=x.device)
+    keep = u >= p
+    scale = 1.0 / (1.0 - p)
+    return x * keep * scale, DropoutCache(keep, scale)
+
+
+def dropout_backward(dout: Tensor, cache: DropoutCache) -> tuple[Tensor]:
+    """dx = dout * keep / (1 - p): the forward's own mask, saved as one byte per value rather
+    than redrawn, since redrawing would need the generator's state from before the forward.
+    With p == 0 this is the identity. No term can hide under a constant upstream gradient (dx
+    is then the scaled mask itself); the mistake to guard against is a backward with another
+    mask, which the registry catches because its reference draws the mask from the same seed."""
+    if cache.keep is None:
+        return (dout,)
+    return (dout * cache.keep * cache.scale,)
