@@ -40,8 +40,8 @@ def checkpoint_step(workdir: Path) -> int:
 
 
 @lru_cache
-def training_examples(block_size: int):
-    return Dataset.load(default_data_path(), block_size=block_size).splits["train"]
+def training_examples(block_size: int, layout: str = "context"):
+    return Dataset.load(default_data_path(), block_size=block_size, layout=layout).splits["train"]
 
 
 def setup(name="mlp", dtype=torch.float32, **overrides):
@@ -49,7 +49,7 @@ def setup(name="mlp", dtype=torch.float32, **overrides):
     spec = models.get(name)
     cfg = spec.make_config(27, overrides)
     params = {k: v.to(dtype) for k, v in spec.init(cfg, torch.Generator().manual_seed(5)).items()}
-    return (spec, params, *training_examples(spec.block_size(cfg)))
+    return (spec, params, *training_examples(spec.block_size(cfg), spec.layout))
 
 
 STEP_ROUTES = [(name, route) for name in sorted(models.MODELS)
@@ -356,3 +356,29 @@ def test_divergence_stops_and_keeps_the_last_good_checkpoint(tmp_path, capsys, b
         assert main(["train", "-o", str(out), "--resume", "--steps", str(kept + 50), *SMALL[2:]]) == 0
         assert checkpoint_step(out) == kept + 50
         assert not torch.equal(load_file(str(out / "checkpoint.safetensors"))["W1"], ckpt["W1"])
+
+
+def test_dropout_masks_are_the_steps_own_and_autograd_agrees():
+    """With the same seed, the hand-written step and autograd's draw the same masks: their
+    losses agree; without the same seed, they differ (the masks matter)."""
+    from backprop_ninja.models.base import Dropout
+    from backprop_ninja.training.optim import OptimConfig
+
+    spec, params, X, Y = setup("transformer", n_layer=1, n_head=2, n_embd=16, block_size=16)
+    opt = OptimConfig("adamw", 0.01)
+    mine = make_step("fast", spec, params, X, Y, 8, opt, Dropout(0.3, torch.Generator().manual_seed(1)))
+    ref = make_step("autograd", spec, params, X, Y, 8, opt, Dropout(0.3, torch.Generator().manual_seed(1)))
+    other = make_step("autograd", spec, params, X, Y, 8, opt, Dropout(0.3, torch.Generator().manual_seed(2)))
+    for ix in batches(X.shape[0], 20)[:20]:
+        ix = ix[:8]
+        a, b, c = mine.step(ix, 1e-3).item(), ref.step(ix, 1e-3).item(), other.step(ix, 1e-3).item()
+        assert a == pytest.approx(b, rel=1e-5, abs=1e-6)
+    assert a != pytest.approx(c, rel=1e-3)
+    for k in params:
+        got, want = mine.params[k], ref.params[k].detach()
+        if k.endswith("b_qkv"):
+            # the key bias has no gradient (softmax ignores a shift of a row of scores): both
+            # sides' "gradient" is float noise, which AdamW scales up to steps of size lr
+            assert (got[1] - want[1]).abs().max() <= 20 * 1e-3
+            got, want = got[0::2], want[0::2]
+        torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5, msg=k)

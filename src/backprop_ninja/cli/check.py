@@ -46,8 +46,7 @@ def cmd_check(args: argparse.Namespace) -> int:
     else:
         data = Dataset.load(args.input or default_data_path(), block_size=spec.block_size(probe),
                             layout=spec.layout)
-        cfg = spec.make_config(data.vocab.size, {**flags, "block_size": data.block_size}
-                               if "block_size" in spec.flags() else flags)
+        cfg = spec.config_for_data(flags, data.vocab.size, data.block_size)
         Xtr, Ytr = data.splits["train"]
         ix = torch.randint(0, Xtr.shape[0], (args.batch_size,),
                            generator=torch.Generator().manual_seed(CHECK_SEED))

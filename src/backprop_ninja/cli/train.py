@@ -17,7 +17,7 @@ from .flags import add_model_flags, model_flags
 
 DEFAULT_WORKDIR = "out"
 TRAIN_FLAGS = ("steps", "batch_size", "lr", "lr_decay_step", "lr_decay_to", "seed", "optimizer",
-               "weight_decay", "warmup_steps", "lr_schedule")
+               "weight_decay", "warmup_steps", "lr_schedule", "dropout")
 SPLIT_SEED = 42
 MAX_SAMPLES = 100_000
 
@@ -176,6 +176,9 @@ def register(sub) -> None:
                         "lecture's models, adamw for makemore's)")
     p.add_argument("--weight-decay", type=float, default=None,
                    help="decoupled weight decay, as AdamW's (recipe: 0, or makemore's 0.01)")
+    p.add_argument("--dropout", type=float, default=None,
+                   help="residual dropout probability in training (transformer; recipe 0), its "
+                        "masks reused by the hand-written backward")
     p.add_argument("--seed", type=int, default=None,
                    help="seed of the initialisation and of batch sampling (default 2147483647)")
     p.add_argument("--split-seed", type=int, default=None,

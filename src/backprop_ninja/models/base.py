@@ -2,12 +2,13 @@
 
 A model module holds a config dataclass (``vocab_size`` first, then the model's own fields with
 the recipe's defaults), a seeded ``init(cfg, generator)``, one ``forward(params, X, Y=None,
-stats=None, rng=None)`` that serves training, evaluation, calibration and sampling, and a
+stats=None, dropout=None)`` that serves training, evaluation, calibration and sampling, and a
 ``backward(cache)`` that reads as the forward in reverse, one layer-backward per line.
 ``ModelSpec`` bundles them for the registry in ``models/__init__``.
 
-``rng`` is given only by a training step: a model with dropout draws its masks from it (and
-drops nothing without it, as in evaluation and sampling); the others ignore it.
+``dropout`` (a probability and the generator to draw masks from) is given only by a training
+step of a model that has dropout (``ModelSpec.dropout``); without it nothing is dropped, as in
+evaluation and sampling. The other models ignore it.
 
 Batchnorm statistics are explicit: ``stats`` maps a batchnorm layer's name to its statistics;
 a layer that has none there normalises with its batch's own (training mode). Calibration fills
@@ -32,6 +33,13 @@ Params = dict[str, Tensor]
 Stats = dict[str, BatchNormStats]
 
 
+class Dropout(NamedTuple):
+    """Dropout in a training step: the probability, and the generator of the masks."""
+
+    p: float
+    rng: torch.Generator
+
+
 class Forward(NamedTuple):
     logits: Tensor          # n x V (or n x T x V)
     loss: Tensor | None     # scalar, when targets were given
@@ -47,10 +55,11 @@ class ModelSpec:
     config: type                                   # the config dataclass
     recipe: dict[str, Any]                         # training defaults: steps, lr, schedule, ...
     init: Callable[..., Params]                    # (cfg, generator) -> params
-    forward: Callable[..., Forward]                # (params, X, Y=None, stats=None, rng=None)
+    forward: Callable[..., Forward]                # (params, X, Y=None, stats=None, dropout=None)
     backward: Callable[..., Params]                # (cache, act_grads=None) -> grads
     check_config: Callable[[Any], None] = lambda cfg: None  # UserError for a config it cannot build
     layout: str = "context"  # the data's layout (``data``): "context" or "sequence"
+    dropout: bool = False    # whether its forward applies dropout (--dropout)
     tiny: dict[str, Any] = field(default_factory=dict)  # config overrides for finite differences
     bench_sizes: tuple = ((32, {}),)  # (batch, config overrides) that ``bench`` times
 
@@ -68,6 +77,13 @@ class ModelSpec:
         cfg = self.config(vocab_size=vocab_size, **{**self.defaults(), **given})
         self.check_config(cfg)
         return cfg
+
+    def config_for_data(self, flags: dict[str, Any], vocab_size: int, block_size: int):
+        """``make_config`` for loaded data: its vocabulary, and its block size (which a sequence
+        model takes from the data when no --block-size was given)."""
+        if "block_size" in self.flags():
+            flags = {**flags, "block_size": block_size}
+        return self.make_config(vocab_size, flags)
 
     def block_size(self, cfg) -> int | None:
         """Characters of context per example (1 for the bigram: the previous character); None

@@ -20,7 +20,7 @@ from torch import Tensor
 
 from ..nn.embedding import EmbeddingCache, embedding_backward, embedding_forward
 from ..nn.losses import CrossEntropyCache, cross_entropy_backward, cross_entropy_forward
-from .base import Forward, ModelSpec, Params, Stats
+from .base import Dropout, Forward, ModelSpec, Params, Stats
 
 
 @dataclass(frozen=True)
@@ -39,7 +39,7 @@ class Cache(NamedTuple):
 
 
 def forward(params: Params, X: Tensor, Y: Tensor | None = None, stats: Stats | None = None,
-            rng: torch.Generator | None = None) -> Forward:
+            dropout: Dropout | None = None) -> Forward:
     logits, lookup_c = embedding_forward(params["W"], X[:, -1])  # n x V
     loss, ce_c = cross_entropy_forward(logits, Y) if Y is not None else (None, None)
     return Forward(logits, loss, Cache(lookup_c, ce_c), {}, {})

@@ -23,7 +23,7 @@ from ..nn.bow import CausalAverageCache, causal_average_backward, causal_average
 from ..nn.embedding import TokenPositionCache, token_position_backward, token_position_forward
 from ..nn.linear import LinearCache, linear_backward, linear_forward
 from ..nn.losses import IGNORE_INDEX, CrossEntropyCache, cross_entropy_backward, cross_entropy_forward
-from .base import Forward, ModelSpec, Params, Stats
+from .base import Dropout, Forward, ModelSpec, Params, Stats
 from .rnn import ADAMW_RECIPE, Config, check_config, uniform
 
 
@@ -46,7 +46,7 @@ class Cache(NamedTuple):
 
 
 def forward(params: Params, X: Tensor, Y: Tensor | None = None, stats: Stats | None = None,
-            rng: torch.Generator | None = None) -> Forward:
+            dropout: Dropout | None = None) -> Forward:
     x, emb_c = token_position_forward(params["wte"], params["wpe"], X)   # n x T x C
     avg, avg_c = causal_average_forward(x)
     x = x + avg

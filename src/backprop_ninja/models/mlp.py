@@ -25,7 +25,7 @@ from ..nn.embedding import EmbeddingCache, embedding_backward, embedding_forward
 from ..nn.linear import LinearCache, linear_backward, linear_forward
 from ..nn.losses import CrossEntropyCache, cross_entropy_backward, cross_entropy_forward
 from ..nn.normalisation import BatchNormCache, batchnorm_backward, batchnorm_forward
-from .base import Forward, ModelSpec, Params, Stats
+from .base import Dropout, Forward, ModelSpec, Params, Stats
 
 PARAM_NAMES = ("C", "W1", "b1", "W2", "b2", "bngain", "bnbias")
 LECTURE_SEED = 2147483647
@@ -85,7 +85,7 @@ class Cache(NamedTuple):
 
 
 def forward(params: Params, X: Tensor, Y: Tensor | None = None, stats: Stats | None = None,
-            rng: torch.Generator | None = None) -> Forward:
+            dropout: Dropout | None = None) -> Forward:
     """Logits (and the loss if Y is given); ``stats`` as in ``models.base``."""
     emb, emb_c = embedding_forward(params["C"], X)
     embcat = emb.view(emb.shape[0], -1)

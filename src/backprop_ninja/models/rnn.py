@@ -23,7 +23,7 @@ from ..nn.embedding import EmbeddingCache, embedding_backward, embedding_forward
 from ..nn.linear import LinearCache, linear_backward, linear_forward
 from ..nn.losses import IGNORE_INDEX, CrossEntropyCache, cross_entropy_backward, cross_entropy_forward
 from ..nn.recurrent import gru_backward, gru_forward, rnn_backward, rnn_forward
-from .base import Forward, ModelSpec, Params, Stats
+from .base import Dropout, Forward, ModelSpec, Params, Stats
 
 ADAMW_RECIPE = {"steps": 20_000, "batch_size": 32, "lr": 5e-4, "lr_decay_step": 20_000,
                 "lr_decay_to": 5e-5, "seed": 3407, "optimizer": "adamw", "weight_decay": 0.01,
@@ -86,7 +86,7 @@ class Cache(NamedTuple):
 
 def make_forward(cell: Cell):
     def forward(params: Params, X: Tensor, Y: Tensor | None = None, stats: Stats | None = None,
-                rng: torch.Generator | None = None) -> Forward:
+                dropout: Dropout | None = None) -> Forward:
         emb, emb_c = embedding_forward(params["wte"], X)                 # n x T x C
         weights = [t for w in cell.weights for t in (params[w], params["b" + w[1:]])]
         hs, cell_c = cell.forward(emb, params["start"], *weights)       # n x T x H

@@ -27,7 +27,7 @@ from ..nn.linear import LinearCache, linear_backward, linear_forward
 from ..nn.losses import IGNORE_INDEX, CrossEntropyCache, cross_entropy_backward, cross_entropy_forward
 from ..nn.normalisation import LayerNormCache, layernorm_backward, layernorm_forward
 from ..nn.transformer import BlockCache, block_backward, block_forward
-from .base import Forward, ModelSpec, Params, Stats
+from .base import Dropout, Forward, ModelSpec, Params, Stats
 from .rnn import ADAMW_RECIPE, uniform
 
 BLOCK_PARAMS = ("ln1_w", "ln1_b", "w_qkv", "b_qkv", "w_proj", "b_proj", "ln2_w", "ln2_b",
@@ -86,14 +86,14 @@ class Cache(NamedTuple):
 
 
 def forward(params: Params, X: Tensor, Y: Tensor | None = None, stats: Stats | None = None,
-            rng: torch.Generator | None = None) -> Forward:
+            dropout: Dropout | None = None) -> Forward:
     qkv_bias_shape = params["h0.b_qkv"].shape
     x, emb_c = token_position_forward(params["wte"], params["wpe"], X)       # n x T x C
     blocks = []
     for l in range(n_layer(params)):
         weights = [params[f"h{l}.{k}"].reshape(-1) if k == "b_qkv" else params[f"h{l}.{k}"]
                    for k in BLOCK_PARAMS]
-        x, block_c = block_forward(x, *weights, qkv_bias_shape[1])
+        x, block_c = block_forward(x, *weights, qkv_bias_shape[1], *(dropout or (0.0, None)))
         blocks.append(block_c)
     x, lnf_c = layernorm_forward(x, params["lnf_w"], params["lnf_b"])
     logits, head_c = linear_forward(x, params["lm_head"])                     # n x T x V
@@ -121,6 +121,6 @@ def backward(cache: Cache, act_grads: dict[str, Tensor] | None = None) -> Params
 SPEC = ModelSpec(
     name="transformer", summary="makemore's transformer: GPT-2 style pre-norm blocks of causal "
                                 "self-attention and a 4x GELU MLP, every backward by hand",
-    config=Config, recipe=ADAMW_RECIPE, layout="sequence", init=init, forward=forward,
-    backward=backward, check_config=check_config,
+    config=Config, recipe=ADAMW_RECIPE, layout="sequence", dropout=True, init=init,
+    forward=forward, backward=backward, check_config=check_config,
     tiny={"n_layer": 2, "n_head": 2, "n_embd": 8}, bench_sizes=((32, {}),))

@@ -30,7 +30,7 @@ from ..nn.linear import LinearCache, linear_backward, linear_forward
 from ..nn.losses import CrossEntropyCache, cross_entropy_backward, cross_entropy_forward
 from ..nn.normalisation import BatchNormCache, batchnorm_backward, batchnorm_forward
 from ..nn.reshape import FlattenCache, flatten_consecutive_backward, flatten_consecutive_forward
-from .base import Forward, ModelSpec, Params, Stats
+from .base import Dropout, Forward, ModelSpec, Params, Stats
 
 MERGE = 2  # positions merged per level
 MAX_LEVELS = 6
@@ -95,7 +95,7 @@ class Cache(NamedTuple):
 
 
 def forward(params: Params, X: Tensor, Y: Tensor | None = None, stats: Stats | None = None,
-            rng: torch.Generator | None = None) -> Forward:
+            dropout: Dropout | None = None) -> Forward:
     stats = stats or {}
     x, emb_c = embedding_forward(params["C"], X)               # n x T x E
     levels, norm_inputs, acts = [], {}, {}

@@ -147,16 +147,20 @@ def _attention_reference(n_head):
     return reference
 
 
-def _block_reference(n_head):
+def _block_reference(n_head, dropout=0.0):
     attention = _attention_reference(n_head)
 
     def reference(x, ln1_w, ln1_b, w_qkv, b_qkv, w_proj, b_proj, ln2_w, ln2_b,
                   w_fc, b_fc, w_fc2, b_fc2):
+        # dropout's masks as the layer documents them: uniform float32 u >= p, the attention
+        # branch's drawn first, from a generator seeded as the entry's forward seeds its own
+        g = torch.Generator().manual_seed(DROPOUT_SEED)
+        drop = lambda t: t * (torch.rand(t.shape, generator=g) >= dropout) / (1 - dropout)  # noqa: E731
         C = x.shape[-1]
         h = F.layer_norm(x, (C,), ln1_w, ln1_b, N.LN_EPS)
-        x = x + attention(h, w_qkv, b_qkv, w_proj, b_proj)
+        x = x + drop(attention(h, w_qkv, b_qkv, w_proj, b_proj))
         h = F.linear(F.layer_norm(x, (C,), ln2_w, ln2_b, N.LN_EPS), w_fc.T, b_fc)
-        return x + F.linear(F.gelu(h, approximate="tanh"), w_fc2.T, b_fc2)
+        return x + drop(F.linear(F.gelu(h, approximate="tanh"), w_fc2.T, b_fc2))
     return reference
 
 
@@ -320,6 +324,12 @@ REGISTRY: dict[str, LayerSpec] = {spec.name: spec for spec in (
               DR.dropout_backward, lambda x: x, _pointwise_inputs, ("x",)),
     LayerSpec("block", "block", lambda **kw: TF.block_forward(**kw, n_head=2), TF.block_backward,
               _block_reference(2), _block_inputs,
+              ("x", "ln1_w", "ln1_b", "w_qkv", "b_qkv", "w_proj", "b_proj", "ln2_w", "ln2_b",
+               "w_fc", "b_fc", "w_fc2", "b_fc2")),
+    LayerSpec("block_dropout", "block",
+              lambda **kw: TF.block_forward(**kw, n_head=2, dropout=DROPOUT_P,
+                                            rng=torch.Generator().manual_seed(DROPOUT_SEED)),
+              TF.block_backward, _block_reference(2, DROPOUT_P), _block_inputs,
               ("x", "ln1_w", "ln1_b", "w_qkv", "b_qkv", "w_proj", "b_proj", "ln2_w", "ln2_b",
                "w_fc", "b_fc", "w_fc2", "b_fc2")),
     # --- part 2, normalisation and attention: entries (above this line) ---

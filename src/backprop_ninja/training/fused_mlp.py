@@ -27,7 +27,7 @@ class FastStep:
     """
 
     def __init__(self, spec: ModelSpec, params: Params, X: Tensor, Y: Tensor, batch_size: int,
-                 opt: OptimConfig = OptimConfig(), generator: torch.Generator | None = None):
+                 opt: OptimConfig = OptimConfig(), dropout=None):
         check_batch_size(batch_size)
         self.X, self.Y, self.n = X, Y, batch_size
         ref = params["W1"]

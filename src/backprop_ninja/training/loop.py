@@ -25,7 +25,8 @@ from ..checking.gradcheck import compare
 from ..checking.models import autograd_param_grads
 from ..data import Dataset, default_data_path
 from ..errors import UserError
-from ..models.base import ModelSpec, Params, calibrate, evaluate
+from .. import models
+from ..models.base import Dropout, ModelSpec, Params, calibrate, evaluate
 from . import workdir as W
 from .optim import OPTIMIZERS, FlatParams, OptimConfig, make_optimizer
 from .steps import make_step
@@ -57,6 +58,7 @@ class TrainConfig:
     weight_decay: float = 0.0
     warmup_steps: int = 0
     lr_schedule: str = "step"
+    dropout: float = 0.0
 
     def lr_at(self, step: int) -> float:
         if step < self.warmup_steps:
@@ -85,6 +87,8 @@ class TrainConfig:
             raise UserError(f"--weight-decay must be in [0, 1), got {self.weight_decay}")
         if self.optimizer not in OPTIMIZERS:
             raise UserError(f"--optimizer {self.optimizer} is not one of {', '.join(OPTIMIZERS)}")
+        if not (math.isfinite(self.dropout) and 0 <= self.dropout < 1):
+            raise UserError(f"--dropout must be at least 0 and below 1, got {self.dropout}")
         if self.lr_schedule not in SCHEDULES:
             raise UserError(f"--lr-schedule {self.lr_schedule} is not one of {', '.join(SCHEDULES)}")
 
@@ -141,12 +145,15 @@ def start_run(workdir: Path, input_path: str | None, spec: ModelSpec, cfg_flags:
         raise UserError(f"{workdir} already holds a trained model; train into another -o WORKDIR "
                         "(or delete this one)")
     tcfg.validate()
+    if tcfg.dropout and not spec.dropout:
+        with_dropout = ", ".join(m.name for m in models.MODELS.values() if m.dropout)
+        raise UserError(f"--dropout does not apply to --type {spec.name} (it has no dropout; "
+                        f"models with dropout: {with_dropout})")
     path = Path(input_path).resolve() if input_path else None
     block_size = spec.block_size(spec.make_config(1, cfg_flags))
     data = Dataset.load(path or default_data_path(), block_size=block_size, seed=split_seed,
                         layout=spec.layout)
-    cfg = spec.make_config(data.vocab.size, {**cfg_flags, "block_size": data.block_size}
-                           if "block_size" in spec.flags() else cfg_flags)
+    cfg = spec.config_for_data(cfg_flags, data.vocab.size, data.block_size)
     # As in the lecture, the generator that initialised the model goes on to draw the batches.
     # On a GPU the batches need a generator there: a CUDA one with the same seed.
     init_g = torch.Generator().manual_seed(tcfg.seed)
@@ -326,8 +333,8 @@ def run_loop(state: RunState, opts: Options) -> str:
     """Train from state.step to tcfg.steps; return 'done' or 'interrupted'. Saves as it goes."""
     tcfg, spec, device = state.tcfg, state.spec, next(iter(state.params.values())).device
     X, Y = (t.to(device) for t in state.data.splits["train"])
-    stepper = make_step(opts.grad, spec, state.params, X, Y, tcfg.batch_size, tcfg.optim(),
-                        state.generator)
+    dropout = Dropout(tcfg.dropout, state.generator) if tcfg.dropout else None
+    stepper = make_step(opts.grad, spec, state.params, X, Y, tcfg.batch_size, tcfg.optim(), dropout)
     if state.optimizer_state:
         stepper.optimizer.load_state(state.optimizer_state)
     state.params = stepper.params

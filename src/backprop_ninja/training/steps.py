@@ -22,7 +22,7 @@ import torch
 from torch import Tensor
 
 from ..checking import atomic
-from ..models.base import ModelSpec, Params
+from ..models.base import Dropout, ModelSpec, Params
 from . import fused_mlp, fused_wavenet
 from .optim import FlatParams, OptimConfig, make_optimizer, views
 
@@ -33,14 +33,14 @@ class EagerStep:
     """The readable step: the model's forward and backward, then the optimiser."""
 
     def __init__(self, spec: ModelSpec, params: Params, X: Tensor, Y: Tensor, batch_size: int,
-                 opt: OptimConfig = OptimConfig(), generator: torch.Generator | None = None):
-        self.spec, self.X, self.Y, self.generator = spec, X, Y, generator
+                 opt: OptimConfig = OptimConfig(), dropout: Dropout | None = None):
+        self.spec, self.X, self.Y, self.dropout = spec, X, Y, dropout
         self.buffers = FlatParams(params)
         self.params, self.grads = self.buffers.params, self.buffers.grads
         self.optimizer = make_optimizer(self.buffers, opt)
 
     def step(self, ix: Tensor, lr: float) -> Tensor:
-        result = self.spec.forward(self.params, self.X[ix], self.Y[ix], rng=self.generator)
+        result = self.spec.forward(self.params, self.X[ix], self.Y[ix], dropout=self.dropout)
         for name, grad in self.spec.backward(result.cache).items():
             self.grads[name].copy_(grad)
         self.optimizer.step(lr)
@@ -72,7 +72,7 @@ class AutogradStep(EagerStep):
         with torch.enable_grad():
             flat.requires_grad_(True)
             loss = self.spec.forward(views(flat, self.params), self.X[ix], self.Y[ix],
-                                     rng=self.generator).loss
+                                     dropout=self.dropout).loss
             (grad,) = torch.autograd.grad(loss, flat)
         flat.requires_grad_(False)
         self.buffers.grad.copy_(grad)
@@ -90,5 +90,7 @@ def routes(spec: ModelSpec) -> dict[str, type]:
 
 
 def make_step(route: str, spec: ModelSpec, params: Params, X: Tensor, Y: Tensor, batch_size: int,
-              opt: OptimConfig = OptimConfig(), generator: torch.Generator | None = None):
-    return routes(spec)[route](spec, params, X, Y, batch_size, opt, generator)
+              opt: OptimConfig = OptimConfig(), dropout: Dropout | None = None):
+    """A step of the route; ``dropout`` for a model that has it (and then the fast route is its
+    eager step: the fused steps are of models without dropout)."""
+    return routes(spec)[route](spec, params, X, Y, batch_size, opt, dropout)
