@@ -47,6 +47,8 @@ def training_examples(block_size: int, layout: str = "context"):
 def setup(name="mlp", dtype=torch.float32, **overrides):
     """A model of the zoo at its recipe's size (or overrides) and the names' training examples."""
     spec = models.get(name)
+    if spec.layout == "sequence":  # names.txt's longest item + 1
+        overrides = {"block_size": 16, **overrides}
     cfg = spec.make_config(27, overrides)
     params = {k: v.to(dtype) for k, v in spec.init(cfg, torch.Generator().manual_seed(5)).items()}
     return (spec, params, *training_examples(spec.block_size(cfg), spec.layout))
