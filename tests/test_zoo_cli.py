@@ -5,6 +5,7 @@ import json
 
 import pytest
 import torch
+from safetensors import safe_open
 from safetensors.torch import load_file
 
 from backprop_ninja import models
@@ -119,3 +120,44 @@ def test_the_bigram_learns_the_count_table(tmp_path):
     train = split_items(words.read_text().splitlines(), 42)[0]
     first_a = sum(w[0] == "a" for w in train) / len(train)
     assert probs[0, 1].item() == pytest.approx(first_a, abs=0.01)
+
+
+def test_adamw_resume_is_bit_exact(tmp_path):
+    """AdamW's moments and step count are in the checkpoint: a split run is the straight run."""
+    argv = ["train", "--type", "gru", *TINY["gru"], "--no-progress", "--num-samples", "0",
+            "--eval-every", "0", "--checkpoint-every", "0"]
+    assert main(argv + ["-o", str(tmp_path / "straight"), "--steps", "60"]) == 0
+    assert main(argv + ["-o", str(tmp_path / "cut"), "--steps", "25"]) == 0
+    assert main(["train", "-o", str(tmp_path / "cut"), "--resume", "--steps", "60", "--no-progress",
+                 "--num-samples", "0", "--eval-every", "0"]) == 0
+    a = load_file(str(tmp_path / "straight" / "checkpoint.safetensors"))
+    b = load_file(str(tmp_path / "cut" / "checkpoint.safetensors"))
+    assert {"adamw_m", "adamw_v", "adamw_t"} <= set(a) and a.keys() == b.keys()
+    assert int(a["adamw_t"]) == 60
+    for k in a:
+        assert torch.equal(a[k], b[k]), k
+
+
+@pytest.mark.parametrize("argv,needle", [
+    (["--type", "transformer", "--n-embd", "10", "--n-head", "4"],
+     "--n-embd 10 is not divisible by --n-head 4"),
+    (["--type", "gru", "--block-size", "8"], "the longest item has 15 characters"),
+    (["--type", "mlp", "--dropout", "0.1"], "--dropout does not apply to --type mlp"),
+    (["--type", "rnn", "--n-head", "2"], "--n-head does not apply to --type rnn"),
+    (["--type", "transformer", "--dropout", "1.5"], "--dropout must be at least 0 and below 1"),
+])
+def test_sequence_model_bad_input(tmp_path, capsys, argv, needle):
+    out = tmp_path / "run"
+    one_line_error(capsys, main(["train", "-o", str(out), "--steps", "10", *argv, *QUIET]), needle)
+    assert not (out / "config.json").exists()
+
+
+def test_a_diverging_sequence_model_keeps_its_last_good_checkpoint(tmp_path, capsys):
+    out = tmp_path / "run"
+    argv = ["train", "--type", "rnn", *TINY["rnn"], "-o", str(out), "--no-progress",
+            "--num-samples", "0", "--eval-every", "0", "--checkpoint-every", "20",
+            "--optimizer", "sgd", "--lr", "1e-3", "--lr-schedule", "step", "--lr-decay-step", "40",
+            "--lr-decay-to", "1e30", "--steps", "200"]
+    one_line_error(capsys, main(argv), "the loss became", "checkpoint at step 40 is kept")
+    with safe_open(str(out / "checkpoint.safetensors"), framework="pt") as f:
+        assert f.metadata()["step"] == "40"
