@@ -22,6 +22,7 @@ from torch import Tensor
 from ..checking import atomic
 from ..data import BOUNDARY, Dataset, Vocab, default_data_path
 from ..errors import UserError
+from .. import models
 from ..models import mlp
 from ..models.base import ModelSpec, Params, Stats
 
@@ -203,3 +204,37 @@ def ud_panel(ax, d: Diagnostics) -> None:
         ax.text(0.5, 0.5, "no update-to-data records in metrics.jsonl\n(train with --diag-every N)",
                 ha="center", va="center", transform=ax.transAxes)
     ax.legend(fontsize=8, ncol=2)
+
+
+# ---------------------------------------------------------------------------------------------
+# attention maps of a trained transformer
+
+def plot_attention(run: RunLike, out: str | Path, items: int = 2) -> list[Tensor]:
+    """A panel per layer and head for each of the first ``items`` validation items: row t is
+    where position t looks (its attention weights over positions 0..t). Returns the maps."""
+    if run.spec.attention_maps is None:
+        with_attention = ", ".join(m.name for m in models.MODELS.values() if m.attention_maps)
+        raise UserError(f"plot attention needs a model with attention ({with_attention}); the run "
+                        f"is a {run.spec.name}")
+    X, Y = run.data.splits["val"]
+    X, Y = X[:items], Y[:items]
+    with torch.no_grad():
+        maps = run.spec.attention_maps(run.spec.forward(run.params, X, Y, run.stats).cache)
+    n_layer, n_head = len(maps), maps[0].shape[1]
+    fig = Figure(figsize=(2.6 * n_head, 2.6 * n_layer * len(X) + 0.6))
+    axes = fig.subplots(n_layer * len(X), n_head, squeeze=False)
+    for i, x in enumerate(X):
+        length = int((Y[i] != -1).sum())  # the item and its end token
+        labels = [BOUNDARY] + [run.vocab.decode([int(c)]) for c in x[1:length]]
+        for layer, att in enumerate(maps):
+            for head in range(n_head):
+                ax = axes[i * n_layer + layer][head]
+                ax.imshow(att[i, head, :length, :length].numpy(), cmap="viridis", vmin=0, vmax=1)
+                ax.set_xticks(range(length), labels, fontsize=7)
+                ax.set_yticks(range(length), labels, fontsize=7)
+                ax.set_title(f"{''.join(labels[1:])}: layer {layer}, head {head}", fontsize=8)
+    fig.suptitle("attention weights: row t is how position t\nweighs positions 0..t (nothing above "
+                 "the diagonal)", fontsize=9)
+    fig.tight_layout()
+    save(fig, out)
+    return maps

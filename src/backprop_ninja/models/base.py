@@ -62,6 +62,7 @@ class ModelSpec:
     dropout: bool = False    # whether its forward applies dropout (--dropout)
     tiny: dict[str, Any] = field(default_factory=dict)  # config overrides for finite differences
     bench_sizes: tuple = ((32, {}),)  # (batch, config overrides) that ``bench`` times
+    attention_maps: Callable[[Any], list[Tensor]] | None = None  # cache -> per layer n x nh x T x T
 
     def flags(self) -> tuple[str, ...]:
         """The config fields a user sets (the vocabulary comes from the data)."""

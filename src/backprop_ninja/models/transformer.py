@@ -118,9 +118,20 @@ def backward(cache: Cache, act_grads: dict[str, Tensor] | None = None) -> Params
     return grads
 
 
+def attention_maps(cache: Cache) -> list[Tensor]:
+    """Each layer's attention weights, n x n_head x T x T (row t: how position t spreads its
+    attention over positions 0..t)."""
+    maps = []
+    for block in cache.blocks:
+        att = block.attn.att                                    # (n * n_head) x T x T
+        maps.append(att.view(-1, cache.qkv_bias_shape[1], *att.shape[1:]))
+    return maps
+
+
 SPEC = ModelSpec(
     name="transformer", summary="makemore's transformer: GPT-2 style pre-norm blocks of causal "
                                 "self-attention and a 4x GELU MLP, every backward by hand",
     config=Config, recipe=ADAMW_RECIPE, layout="sequence", dropout=True, init=init,
     forward=forward, backward=backward, check_config=check_config,
-    tiny={"n_layer": 2, "n_head": 2, "n_embd": 8}, bench_sizes=((32, {}),))
+    tiny={"n_layer": 2, "n_head": 2, "n_embd": 8}, bench_sizes=((32, {}),),
+    attention_maps=attention_maps)
