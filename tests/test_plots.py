@@ -115,3 +115,44 @@ def test_bad_workdir_is_a_one_line_error(make, tmp_path, capsys):
     assert main(["plot", "diagnostics", "-o", str(workdir)]) == 2
     err = capsys.readouterr().err.strip()
     assert err.count("\n") == 0 and "Traceback" not in err and str(workdir) in err
+
+
+@pytest.fixture(scope="module")
+def tiny_transformer(tmp_path_factory):
+    out = tmp_path_factory.mktemp("tf") / "run"
+    assert main(["train", "--type", "transformer", "--n-layer", "2", "--n-head", "2", "--n-embd", "8",
+                 "-o", str(out), "--steps", "50", "--no-progress", "--num-samples", "0",
+                 "--eval-every", "0"]) == 0
+    return out
+
+
+def test_attention_maps_of_a_trained_transformer(tiny_transformer, tmp_path):
+    run = plots.load_run_for_plot(tiny_transformer)
+    maps = plots.plot_attention(run, tmp_path / "att.png", items=2)
+    assert_png(tmp_path / "att.png")
+    assert len(maps) == 2 and maps[0].shape == (2, 2, 16, 16)
+    for att in maps:  # each row a distribution over the positions up to it, nothing after
+        torch.testing.assert_close(att.sum(-1), torch.ones(2, 2, 16))
+        assert (att.triu(1) == 0).all()
+
+
+@pytest.mark.parametrize("name", ["wavenet", "gru", "transformer"])
+def test_diagnostics_of_every_type(name, tmp_path):
+    out = tmp_path / "run"
+    small = {"wavenet": ["--n-hidden", "16"], "gru": ["--n-embd2", "16"],
+             "transformer": ["--n-layer", "1", "--n-head", "2", "--n-embd", "8"]}[name]
+    assert main(["train", "--type", name, *small, "-o", str(out), "--steps", "30", "--no-progress",
+                 "--num-samples", "0", "--eval-every", "0", "--diag-every", "10"]) == 0
+    d = plots.plot_diagnostics(plots.load_run_for_plot(out), tmp_path / "d.png")
+    assert_png(tmp_path / "d.png")
+    assert set(d.param_grads) == set(d.params) and set(d.ud) == set(d.params)
+    for k, act in d.activations.items():
+        assert d.activation_grads["d" + k].shape == act.shape
+
+
+def test_attention_of_a_model_without_it_is_one_line(tmp_path, capsys):
+    out = tmp_path / "run"
+    assert main(["train", "--type", "bigram", "-o", str(out), "--steps", "5", "--no-progress",
+                 "--num-samples", "0", "--eval-every", "0"]) == 0
+    with pytest.raises(plots.UserError, match="needs a model with attention .transformer.; the run is a bigram"):
+        plots.plot_attention(plots.load_run_for_plot(out), tmp_path / "a.png")
