@@ -284,11 +284,21 @@ def test_exercise4_gradients_that_do_not_train_fail(tmp_path, setup, names):
 # broken files: explained with a line number, never a traceback of the checker
 
 def cli_check(number: int, path: Path, capsys) -> tuple[int, str]:
+    """The command, as the learner runs it (the check runs in a child process: seconds each)."""
     code = main(["exercise", str(number), "--check", str(path)])
     captured = capsys.readouterr()
     out = captured.out + captured.err
     assert "Traceback" not in out
     return code, out
+
+
+def graded(number: int, path: Path, capsys) -> tuple[int, str]:
+    """The command's exit code and text, graded in this process: the text is the command's,
+    character for character (test_checker_process proves it), without a child's start-up."""
+    result = E.check(number, path)
+    out = result.text + capsys.readouterr().out
+    assert "Traceback" not in out
+    return (0 if result.ok else 1), out
 
 
 def test_syntax_error_names_its_line(tmp_path, capsys):
@@ -300,50 +310,50 @@ def test_syntax_error_names_its_line(tmp_path, capsys):
 def test_exception_in_backward_names_its_line(tmp_path, capsys):
     text = planted(2, "dlogits /= n", "dlogits /= n\n    dlogits = dlogits[:, 100] + 1")
     line = text.splitlines().index("    dlogits = dlogits[:, 100] + 1") + 1
-    code, out = cli_check(2, write(tmp_path, text), capsys)
+    code, out = graded(2, write(tmp_path, text), capsys)
     assert code == 1 and f"mine.py:{line}: IndexError in backward()" in out
     assert "dlogits[:, 100]" in out
 
 
 def test_exception_at_import_names_its_line(tmp_path, capsys):
     path = write(tmp_path, "import torch\nx = 1\nraise ValueError('oops')\n")
-    code, out = cli_check(3, path, capsys)
+    code, out = graded(3, path, capsys)
     assert code == 1 and "mine.py:3: ValueError while importing the file: oops" in out
 
 
 def test_wrong_return_type(tmp_path, capsys):
     path = write(tmp_path, "def backward(logits, Yb):\n    return logits\n")
-    code, out = cli_check(2, path, capsys)
+    code, out = graded(2, path, capsys)
     assert code == 1 and "returned Tensor, expected a dict" in out and "mine.py:1" in out
 
 
 def test_missing_function(tmp_path, capsys):
     path = write(tmp_path, "def backwards(logits, Yb):\n    return {}\n")
-    code, out = cli_check(2, path, capsys)
+    code, out = graded(2, path, capsys)
     assert code == 1 and "has no function backward(...)" in out
 
 
 def test_keys_with_a_d_are_explained(tmp_path, capsys):
     text = planted(2, 'return {"logits": dlogits}', 'return {"dlogits": dlogits}')
-    code, out = cli_check(2, write(tmp_path, text), capsys)
+    code, out = graded(2, write(tmp_path, text), capsys)
     assert code == 1 and "the returned dict has 'dlogits'" in out and "'logits'" in out
 
 
 def test_not_a_tensor(tmp_path, capsys):
     text = planted(2, 'return {"logits": dlogits}', 'return {"logits": dlogits.tolist()}')
-    code, out = cli_check(2, write(tmp_path, text), capsys)
+    code, out = graded(2, write(tmp_path, text), capsys)
     assert code == 1 and "dlogits is a list, not a torch tensor" in out
 
 
 def test_blanks_left_as_none(tmp_path, capsys):
     path = write(tmp_path, X.starter_text(3))
-    code, out = cli_check(3, path, capsys)
+    code, out = graded(3, path, capsys)
     assert code == 1 and "dhprebn is still None: fill in the blank at line" in out
 
 
 def test_using_a_none_blank_is_explained(tmp_path, capsys):
     text = X.starter_text(1).replace("dprobs = None", "dprobs = (1.0 / probs) * dlogprobs")
-    code, out = cli_check(1, write(tmp_path, text), capsys)
+    code, out = graded(1, write(tmp_path, text), capsys)
     assert code == 1 and "TypeError in backward()" in out and "still None" in out
 
 
@@ -355,7 +365,7 @@ def test_using_a_none_blank_is_explained(tmp_path, capsys):
 def test_autograd_is_refused(cheat, tmp_path, capsys):
     text = ("import torch\nimport torch.nn.functional as F\n\ndef backward(logits, Yb):\n"
             f"    x = logits.clone().requires_grad_()\n    {cheat}\n")
-    code, out = cli_check(2, write(tmp_path, text), capsys)
+    code, out = graded(2, write(tmp_path, text), capsys)
     assert code == 1 and "autograd" in out
 
 
@@ -403,10 +413,10 @@ def test_show_solution_prints_the_solution(capsys):
 
 
 def test_check_never_prints_the_solution(tmp_path, capsys, setup):
-    code, out = cli_check(1, write(tmp_path, X.starter_text(1)), capsys)
+    code, out = graded(1, write(tmp_path, X.starter_text(1)), capsys)
     assert code == 1 and "dlogprobs is still None" in out
     assert "h.T @ dlogits" not in out and "index_add_" not in out
-    code, out = cli_check(1, write(tmp_path, planted(1, "dW2 = h.T @ dlogits", "dW2 = dlogits.T @ h")), capsys)
+    code, out = graded(1, write(tmp_path, planted(1, "dW2 = h.T @ dlogits", "dW2 = dlogits.T @ h")), capsys)
     assert code == 1 and "first wrong: dW2" in out and "transpose" in out
     assert "h.T @ dlogits" not in out and "index_add_" not in out
 

@@ -24,7 +24,12 @@ TITLES = {
     2: "exercise 2: the fused cross-entropy backward, dlogits",
     3: "exercise 3: the fused batchnorm backward, dhprebn",
     4: "exercise 4: your backward trains the network",
+    5: "exercise 5: the fused layer normalisation backward",
+    6: "exercise 6: the causal self-attention backward",
+    7: "exercise 7: the WaveNet's batchnorm backward over dims (0, 1)",
+    8: "exercise 8: an RNN's backward through time",
 }
+LECTURE = (1, 2, 3, 4)  # the lecture's exercises, on its check batch; 5-8 are the zoo's layers
 BLANK_RE = re.compile(r"^(\s*)# BLANK (d\w+): (.*)$")
 END_RE = re.compile(r"^\s*# END\s*$")
 
@@ -88,7 +93,7 @@ def write_new(path: str | Path, text: str, force: bool) -> Path:
 
 def check_number(number: int) -> None:
     if number not in TITLES:
-        raise UserError(f"there are exercises 1 to 4, not {number}")
+        raise UserError(f"there are exercises 1 to {max(TITLES)}, not {number}")
 
 
 # ---------------------------------------------------------------------------------------------
