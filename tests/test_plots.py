@@ -126,6 +126,15 @@ def tiny_transformer(tmp_path_factory):
     return out
 
 
+def test_plot_attention_command(tiny_transformer, tmp_path, capsys):
+    out = tmp_path / "att.png"
+    assert main(["plot", "attention", "-o", str(tiny_transformer), "--out", str(out), "--items", "1"]) == 0
+    assert f"wrote {out}" in capsys.readouterr().out
+    assert_png(out)
+    assert main(["plot", "attention", "-o", str(tiny_transformer), "--items", "0"]) == 2
+    assert "--items must be between 1 and 16" in capsys.readouterr().err
+
+
 def test_attention_maps_of_a_trained_transformer(tiny_transformer, tmp_path):
     run = plots.load_run_for_plot(tiny_transformer)
     maps = plots.plot_attention(run, tmp_path / "att.png", items=2)

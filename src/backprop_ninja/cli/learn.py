@@ -41,7 +41,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=cmd_exercise)
 
     p = sub.add_parser("plot",
-                       help="pictures: the dlogits of a batch, or a trained run's diagnostics")
+                       help="pictures: the dlogits of a batch, a trained run's diagnostics, "
+                            "a transformer's attention")
     what = p.add_subparsers(dest="what", required=True, metavar="WHAT")
     q = what.add_parser("dlogits", help="dlogits of the lecture's check batch as an image")
     q.add_argument("--out", default="dlogits.png", help="PNG file to write (default: dlogits.png)")
@@ -55,6 +56,14 @@ def register(sub: argparse._SubParsersAction) -> None:
     q.add_argument("--out", default=None,
                    help="PNG file to write (default: WORKDIR/diagnostics.png)")
     q.set_defaults(func=cmd_plot_diagnostics)
+    q = what.add_parser("attention", help="the attention maps of a trained transformer on a few "
+                                          "validation items, a panel per layer and head")
+    q.add_argument("-o", "--workdir", required=True,
+                   help="the run's work directory (from train --type transformer -o)")
+    q.add_argument("--out", default=None,
+                   help="PNG file to write (default: WORKDIR/attention.png)")
+    q.add_argument("--items", type=int, default=2, help="how many validation items (default 2)")
+    q.set_defaults(func=cmd_plot_attention)
 
 
 def cmd_exercise(args: argparse.Namespace) -> int:
@@ -127,5 +136,17 @@ def cmd_plot_diagnostics(args: argparse.Namespace) -> int:
     workdir = Path(args.workdir)
     out = Path(args.out) if args.out else workdir / "diagnostics.png"
     plots.plot_diagnostics(plots.load_run_for_plot(workdir), out)
+    print(f"wrote {out}")
+    return 0
+
+
+def cmd_plot_attention(args: argparse.Namespace) -> int:
+    from ..learning import plots
+
+    if not 1 <= args.items <= 16:
+        raise UserError(f"--items must be between 1 and 16, got {args.items}")
+    workdir = Path(args.workdir)
+    out = Path(args.out) if args.out else workdir / "attention.png"
+    plots.plot_attention(plots.load_run_for_plot(workdir), out, items=args.items)
     print(f"wrote {out}")
     return 0
