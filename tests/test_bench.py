@@ -16,7 +16,7 @@ MLP_ROUTES = ["autograd", "lecture", "eager", "fast"]
 @pytest.mark.parametrize("name", sorted(models.MODELS))
 def test_bench_rows_and_json(name):
     spec = models.get(name)
-    overrides = {"n_hidden": 16} if "n_hidden" in spec.flags() else {}
+    overrides = dict(spec.tiny)  # a small instance: the mechanics, not the figures
     rows = B.bench(spec, "cpu", sizes=((8, overrides),), repeats=1, memory=False, log=lambda s: None)
     assert [r.impl for r in rows] == (MLP_ROUTES if name == "mlp" else ["autograd", "eager", "fast"])
     by = {r.impl: r for r in rows}
@@ -71,7 +71,36 @@ def test_peak_memory_is_measured_in_a_fresh_process():
 def test_bench_command_json(capsys, monkeypatch):
     monkeypatch.setattr(B, "steps_for", lambda work, name: 5)
     assert main(["bench", "--type", "wavenet", "--quick", "--json", "--repeats", "1",
-                 "--no-memory"]) == 0
+                 "--no-memory", "--device", "cpu"]) == 0
     rows = json.loads(capsys.readouterr().out)
     assert [r["impl"] for r in rows] == ["autograd", "eager", "fast"]
     assert {r["model"] for r in rows} == {"wavenet"} and {r["batch"] for r in rows} == {32}
+
+
+def test_the_routes_by_device():
+    assert B.route_names(MLP, "cpu", False) == MLP_ROUTES
+    assert B.route_names(MLP, "cpu", True) == MLP_ROUTES + ["compiled"]
+    assert B.route_names(MLP, "cuda", False) == ["autograd", "eager", "fast", "compiled-ro"]
+    assert B.route_names(models.get("rnn"), "cuda", False) == ["autograd", "eager", "fast", "compiled-ro"]
+
+
+def test_the_graph_route_runs_the_given_batches_in_order():
+    """The CUDA route's mechanics, its steps run eagerly (on the CPU nothing is captured): the
+    given batches, whole chunks and a remainder, match the fused step's own steps."""
+    import torch
+
+    from backprop_ninja.training.steps import make_step
+
+    params, X, Y = B.make_problem(MLP, 8, {"n_hidden": 16}, "cpu")
+    route = B.GraphRoute(make_step("fast", MLP, params, X, Y, 8), X.shape[0], 8)
+    assert not route.runner.capture and route.next == B.CHUNK  # built: one chunk run
+    ref = make_step("fast", MLP, dict(route.runner.step.params), X, Y, 8)
+    g = torch.Generator().manual_seed(4)
+    for count in (250, 120):  # two chunks and a half, then a chunk and a fifth
+        batches = [torch.randint(0, X.shape[0], (8,), generator=g) for _ in range(count)]
+        B.run_batches(route, batches, 0.05)
+        for b in batches:
+            ref.step(b, 0.05)
+    assert route.next == 600
+    torch.testing.assert_close(route.runner.step.flat, ref.flat, rtol=1e-5, atol=1e-6)
+    assert B.round_steps(route, 10) == B.CHUNK and B.round_steps(ref, 10) == 10

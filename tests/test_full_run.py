@@ -23,7 +23,7 @@ TARGETS = {  # type: (train, val, test) upper bounds, and the published figures 
     "mlp", "bigram", pytest.param("wavenet", marks=pytest.mark.slow)])
 def test_default_run_reaches_its_target(name, tmp_path, capsys):
     out = tmp_path / "run"
-    argv = ["train", "-o", str(out), "--no-progress", "--num-samples", "5"]
+    argv = ["train", "-o", str(out), "--no-progress", "--num-samples", "5", "--device", "cpu"]
     assert main(argv + ([] if name == "mlp" else ["--type", name])) == 0
     samples = capsys.readouterr().out.strip().splitlines()[-5:]
     assert all(s and set(s) <= set("abcdefghijklmnopqrstuvwxyz") for s in samples), samples

@@ -194,9 +194,9 @@ def test_check_grads_during_training_and_files(tmp_path, capsys):
 
 
 def test_resume_equals_straight_and_runs_are_deterministic(tmp_path):
-    assert train(tmp_path, "straight", "--steps", "300", "--eval-every", "0")[0] == 0
-    assert train(tmp_path, "again", "--steps", "300", "--eval-every", "0")[0] == 0
-    assert train(tmp_path, "cut", "--steps", "120", "--eval-every", "0")[0] == 0
+    assert train(tmp_path, "straight", "--steps", "300", "--eval-every", "0", "--device", "cpu")[0] == 0
+    assert train(tmp_path, "again", "--steps", "300", "--eval-every", "0", "--device", "cpu")[0] == 0
+    assert train(tmp_path, "cut", "--steps", "120", "--eval-every", "0", "--device", "cpu")[0] == 0
     assert main(["train", "-o", str(tmp_path / "cut"), "--resume", "--steps", "300",
                  "--no-progress", "--num-samples", "0"]) == 0
     a, b, c = (load_file(str(tmp_path / d / "checkpoint.safetensors")) for d in ("straight", "again", "cut"))
@@ -209,7 +209,7 @@ def test_resume_equals_straight_and_runs_are_deterministic(tmp_path):
 def test_interrupt_saves_a_resumable_checkpoint(tmp_path):
     out = tmp_path / "run"
     cmd = [sys.executable, "-m", "backprop_ninja", "train", "-o", str(out), *SMALL,
-           "--steps", "1000000", "--eval-every", "0", "--checkpoint-every", "500"]
+           "--steps", "1000000", "--eval-every", "0", "--checkpoint-every", "500", "--device", "cpu"]
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     deadline = time.time() + 120
     while not (out / "checkpoint.safetensors").exists() and time.time() < deadline:
@@ -227,7 +227,7 @@ def test_interrupt_saves_a_resumable_checkpoint(tmp_path):
     total = str(step + 50)
     assert main(["train", "-o", str(out), "--resume", "--steps", total, "--no-progress",
                  "--num-samples", "0"]) == 0
-    assert train(tmp_path, "straight", "--steps", total, "--eval-every", "0")[0] == 0
+    assert train(tmp_path, "straight", "--steps", total, "--eval-every", "0", "--device", "cpu")[0] == 0
     a = load_file(str(out / "checkpoint.safetensors"))
     b = load_file(str(tmp_path / "straight" / "checkpoint.safetensors"))
     assert all(torch.equal(a[k], b[k]) for k in a), RUN_TO_RUN
@@ -342,14 +342,14 @@ def test_divergence_stops_and_keeps_the_last_good_checkpoint(tmp_path, capsys, b
     # blowing up at step 199 breaks the parameters that step 200's checkpoint would save, although
     # every loss up to step 199 was finite: that checkpoint must not be written
     rc, out = train(tmp_path, "run", "--steps", "400", "--eval-every", "0", "--checkpoint-every", "100",
-                    "--lr-decay-step", str(blow_up_at), "--lr-decay-to", "1e30")
+                    "--lr-decay-step", str(blow_up_at), "--lr-decay-to", "1e30", "--device", "cpu")
     one_line_error(capsys, rc, "the loss became", f"checkpoint at step {kept} is kept", "--lr")
     assert checkpoint_step(out) == kept
     ckpt = load_file(str(out / "checkpoint.safetensors"))
     assert all(torch.isfinite(v).all() for k, v in ckpt.items() if k != "rng_state")
     assert len((out / "metrics.jsonl").read_text().splitlines()) == kept
     # it is the state of step `kept`: what a straight run to that step saves, before the blow-up
-    assert train(tmp_path, "straight", "--steps", str(kept), "--eval-every", "0")[0] == 0
+    assert train(tmp_path, "straight", "--steps", str(kept), "--eval-every", "0", "--device", "cpu")[0] == 0
     straight = load_file(str(tmp_path / "straight" / "checkpoint.safetensors"))
     assert ckpt.keys() == straight.keys()
     for k in ckpt:

@@ -32,7 +32,7 @@ def run(tmp_path, capsys):
     words = tmp_path / "words.txt"
     words.write_text("\n".join(f"w{chr(97 + i % 26)}{chr(97 + i // 26 % 26)}" for i in range(200)))
     out = tmp_path / "run"
-    assert main(["train", "-i", str(words), "-o", str(out), "--steps", "40", *SMALL]) == 0
+    assert main(["train", "-i", str(words), "-o", str(out), "--steps", "40", *SMALL, "--device", "cpu"]) == 0
     capsys.readouterr()
     return words, out
 

@@ -125,7 +125,7 @@ def test_the_bigram_learns_the_count_table(tmp_path):
 def test_adamw_resume_is_bit_exact(tmp_path):
     """AdamW's moments and step count are in the checkpoint: a split run is the straight run."""
     argv = ["train", "--type", "gru", *TINY["gru"], "--no-progress", "--num-samples", "0",
-            "--eval-every", "0", "--checkpoint-every", "0"]
+            "--eval-every", "0", "--checkpoint-every", "0", "--device", "cpu"]
     assert main(argv + ["-o", str(tmp_path / "straight"), "--steps", "60"]) == 0
     assert main(argv + ["-o", str(tmp_path / "cut"), "--steps", "25"]) == 0
     assert main(["train", "-o", str(tmp_path / "cut"), "--resume", "--steps", "60", "--no-progress",
@@ -161,3 +161,9 @@ def test_a_diverging_sequence_model_keeps_its_last_good_checkpoint(tmp_path, cap
     one_line_error(capsys, main(argv), "the loss became", "checkpoint at step 40 is kept")
     with safe_open(str(out / "checkpoint.safetensors"), framework="pt") as f:
         assert f.metadata()["step"] == "40"
+
+
+def test_check_grads_with_dropout_uses_the_steps_masks(tmp_path):
+    """--check-grads compares with autograd drawing the same dropout masks as the step."""
+    assert main(["train", "--type", "transformer", *TINY["transformer"], "--dropout", "0.3",
+                 "-o", str(tmp_path / "run"), "--steps", "12", "--check-grads", "12", *QUIET]) == 0

@@ -18,7 +18,7 @@ from dataclasses import dataclass, replace
 import torch
 from torch import Tensor
 
-from ..models.base import ModelSpec, Params
+from ..models.base import Dropout, ModelSpec, Params
 from .gradcheck import Comparison, compare, finite_difference_grads, relative_error
 
 FD_TOLERANCE = 1e-6  # relative error of the float64 finite differences
@@ -28,11 +28,13 @@ FD_TOLERANCE = 1e-6  # relative error of the float64 finite differences
 FD_ZERO = 1e-7
 
 
-def autograd_param_grads(spec: ModelSpec, params: Params, X: Tensor, Y: Tensor) -> Params:
-    """Autograd's parameter gradients of the model's loss: the reference for its backward."""
+def autograd_param_grads(spec: ModelSpec, params: Params, X: Tensor, Y: Tensor,
+                         dropout: Dropout | None = None) -> Params:
+    """Autograd's parameter gradients of the model's loss: the reference for its backward
+    (with ``dropout``, the masks its generator draws: pass a copy of the step's generator)."""
     leaves = {k: v.detach().clone().requires_grad_(True) for k, v in params.items()}
     with torch.enable_grad():
-        spec.forward(leaves, X, Y).loss.backward()
+        spec.forward(leaves, X, Y, dropout=dropout).loss.backward()
     return {k: v.grad for k, v in leaves.items()}
 
 

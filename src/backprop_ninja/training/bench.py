@@ -2,9 +2,14 @@
 process, interleaved.
 
 Routes (see ``steps``): autograd (``loss.backward()``, the baseline), lecture (the MLP only: the
-lecture's manual backward with its Python loop for dC), eager (the model's layer-by-layer
-hand-written step) and fast (the fused step that ``train`` uses, where the model has one).
-Optionally ``compiled``: torch.compile of the eager step, with its compile time reported.
+lecture's manual backward with its Python loop for dC; not on CUDA, where it is launch-bound
+beyond use), eager (the model's layer-by-layer hand-written step) and fast (the step that
+``train`` uses: the fused step where the model has one; on CUDA replayed as a CUDA graph per
+``cuda_graph.CHUNK`` steps, as ``train`` runs it, or eager with a note saying why it is not
+captured). On CUDA also ``compiled-ro``: what a user with a GPU would reach for, the model's loss
+as an nn.Module under ``torch.compile(mode="reduce-overhead")`` (CUDA graphs over inductor's
+forward and backward), ``loss.backward()`` and ``torch.optim.SGD``. Optionally ``compiled``:
+torch.compile of the eager step. Compile times are reported in the notes.
 
 Timing: every route runs on the same data, model and batches; rounds alternate between routes
 (so drift in machine speed hits all alike) and the median round is reported, with its ratio to
@@ -26,6 +31,7 @@ import torch
 
 from .. import models
 from ..models.base import ModelSpec, loss_and_grads
+from .cuda_graph import CHUNK, FixedBatches, GraphRunner, not_capturable
 from .loop import auto_threads
 from .steps import make_step, routes
 
@@ -64,7 +70,108 @@ def make_problem(spec: ModelSpec, batch: int, overrides: dict, device: str, N: i
 def make_route(spec: ModelSpec, name: str, params, X, Y, batch: int):
     if name == "compiled":
         return CompiledStep(spec, params, X, Y, batch)
-    return make_step(name, spec, params, X, Y, batch)
+    if name == "compiled-ro":
+        return ReduceOverheadStep(spec, params, X, Y, batch)
+    step = make_step(name, spec, params, X, Y, batch)
+    if name == "fast" and not_capturable(step) is None:
+        return GraphRoute(step, X.shape[0], batch)
+    return step
+
+
+def route_names(spec: ModelSpec, device: str, compile: bool) -> list[str]:
+    names = list(routes(spec))
+    if device == "cuda":
+        names = [n for n in names if n != "lecture"] + ["compiled-ro"]
+    return names + (["compiled"] if compile else [])
+
+
+def route_note(name: str, route, device: str) -> str:
+    if hasattr(route, "compile_s"):
+        return f"compile {route.compile_s:.1f} s"
+    if isinstance(route, GraphRoute):
+        return f"a CUDA graph per {CHUNK} steps"
+    if name == "fast" and device == "cuda":
+        return f"eager: {not_capturable(route)}, not captured"
+    return ""
+
+
+def run_batches(route, batches: list, lr: float) -> None:
+    """One step per batch, in order: through the route's own ``run`` where it has one (a
+    graph runs a chunk of steps per call)."""
+    if hasattr(route, "run"):
+        route.run(batches, lr)
+        return
+    for b in batches:
+        route.step(b, lr)
+
+
+class GraphRoute:
+    """The fast step as ``train`` runs it on CUDA (``cuda_graph``): a graph replay per whole
+    chunk of the given batches, eager steps for the rest. Built with its warm-up and capture
+    done, on one chunk of random batches."""
+
+    def __init__(self, step, N: int, batch: int):
+        device = step.flat.device
+        g = torch.Generator(device=device).manual_seed(3)
+        first = [torch.randint(0, N, (batch,), generator=g, device=device) for _ in range(CHUNK)]
+        self.lr, self.next = 0.01, 0
+        self.batches = FixedBatches(first)
+        self.runner = GraphRunner(step, self.batches, lambda s: self.lr)
+        self.run(first, self.lr)
+
+    def run(self, batches: list, lr: float) -> None:
+        """Steps numbered on from the last call's, from a chunk boundary (so every chunk is
+        loaded afresh, as in training); their losses are never read (no sync while timed)."""
+        self.lr = lr
+        start = self.next
+        self.batches.use(batches, start // CHUNK)
+        i, stop = start, start + len(batches)
+        while i < stop:
+            self.runner.drop_losses()
+            i += self.runner.advance(i, stop)
+        self.next = -(-stop // CHUNK) * CHUNK
+
+
+class LossModule(torch.nn.Module):
+    """A model's training loss as an nn.Module over nn.Parameters: the shape torch.compile
+    expects (its CUDA graphs take parameters as static addresses)."""
+
+    def __init__(self, spec: ModelSpec, params, X, Y):
+        super().__init__()
+        self.spec, self.names = spec, list(params)
+        self.weights = torch.nn.ParameterList([torch.nn.Parameter(v.clone()) for v in params.values()])
+        self.register_buffer("X", X, persistent=False)
+        self.register_buffer("Y", Y, persistent=False)
+
+    def forward(self, ix):
+        params = dict(zip(self.names, self.weights))
+        return self.spec.forward(params, self.X[ix], self.Y[ix]).loss
+
+
+class ReduceOverheadStep:
+    """What a user with a GPU would reach for: ``torch.compile(module,
+    mode="reduce-overhead")``, ``loss.backward()`` and ``torch.optim.SGD`` (foreach)."""
+
+    def __init__(self, spec, params, X, Y, batch):
+        self.module = LossModule(spec, params, X, Y)
+        self.optimizer = torch.optim.SGD(self.module.parameters(), lr=0.01, foreach=True)
+        self.loss = torch.compile(self.module, mode="reduce-overhead")
+        t = time.perf_counter()
+        for _ in range(3):  # compile; then the runs that CUDA-graph trees take before recording
+            self.step(torch.zeros(batch, dtype=torch.long, device=X.device), 0.0)
+        sync(X.device.type)
+        self.compile_s = time.perf_counter() - t
+
+    def step(self, ix, lr):
+        torch.compiler.cudagraph_mark_step_begin()
+        with torch.enable_grad():
+            loss = self.loss(ix)
+            loss.backward()
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        return loss.detach()
 
 
 class CompiledStep:
@@ -108,11 +215,10 @@ def time_routes(built: dict, steps: dict[str, int], N: int, batch: int, device: 
     names = list(built)
     for r in range(repeats + 1):  # round 0 warms up and is dropped
         for name in names[r % len(names):] + names[:r % len(names)]:
-            step, batches = built[name].step, ix[:steps[name]]
+            batches = ix[:steps[name]]
             sync(device)
             t = time.perf_counter()
-            for b in batches:
-                step(b, 0.01)
+            run_batches(built[name], batches, 0.01)
             sync(device)
             if r:
                 per_round[name].append((time.perf_counter() - t) / len(batches) * 1e6)
@@ -124,6 +230,11 @@ def steps_for(work: int, name: str) -> int:
     if work <= 1 << 16:
         return 40 if name == "lecture" else 400
     return 3 if name == "lecture" else 10
+
+
+def round_steps(route, steps: int) -> int:
+    """A graph route's steps rounded up to whole chunks (a partial chunk would run eagerly)."""
+    return -(-steps // CHUNK) * CHUNK if isinstance(route, GraphRoute) else steps
 
 
 def problem_work(params, batch: int) -> int:
@@ -146,8 +257,8 @@ def peak_memory(spec: ModelSpec, route: str, batch: int, overrides: dict, device
 
 def run_steps(step, N: int, batch: int, device: str, count: int) -> None:
     g = torch.Generator(device=device).manual_seed(2)
-    for _ in range(count):
-        step.step(torch.randint(0, N, (batch,), generator=g, device=device), 0.01)
+    run_batches(step, [torch.randint(0, N, (batch,), generator=g, device=device)
+                       for _ in range(count)], 0.01)
 
 
 def _cpu_peak_child(model: str, route: str, batch: int, overrides: dict, threads: int) -> int | None:
@@ -184,24 +295,24 @@ def bench(spec: ModelSpec, device: str = "cpu", sizes=None, repeats: int = 5,
     """Every route of ``spec`` at each (batch, config overrides) size (default: the model's
     ``bench_sizes``); a table per size to ``log``, the rows returned."""
     rows: list[Row] = []
-    names = list(routes(spec)) + (["compiled"] if compile else [])
+    names = route_names(spec, device, compile)
     for batch, overrides in sizes or spec.bench_sizes:
         params, X, Y = make_problem(spec, batch, overrides, device)
         threads = auto_threads(batch, params) if device == "cpu" else torch.get_num_threads()
         torch.set_num_threads(threads)
         built = {name: make_route(spec, name, params, X, Y, batch) for name in names}
-        note = {"compiled": f"compile {built['compiled'].compile_s:.1f} s"} if compile else {}
-        steps = {name: steps_for(problem_work(params, batch), name) for name in names}
+        steps = {name: round_steps(built[name], steps_for(problem_work(params, batch), name))
+                 for name in names}
         timings = time_routes(built, steps, X.shape[0], batch, device, repeats)
         base = timings.get("autograd")
         size_rows = []
         for name in names:
             us = timings[name]
             mem = peak_memory(spec, name, batch, overrides, device) \
-                if memory and name != "compiled" else None
+                if memory and not name.startswith("compiled") else None
             size_rows.append(Row(name, spec.name, batch, dict(overrides), round(us, 1),
                                  round(1e6 / us, 1), round(base / us, 2) if base else float("nan"),
-                                 mem, threads, device, note.get(name, "")))
+                                 mem, threads, device, route_note(name, built[name], device)))
         log(format_rows(size_rows))
         rows += size_rows
     return rows
@@ -211,10 +322,10 @@ def format_rows(rows: list[Row]) -> str:
     r0 = rows[0]
     config = "".join(f", {k} {v}" for k, v in r0.config.items())
     lines = [f"{r0.model}, batch {r0.batch}{config} ({r0.device}, {r0.threads} thread(s)):",
-             f"  {'route':<9} {'us/step':>10} {'steps/s':>9} {'vs autograd':>12} {'peak mem/step':>14}"]
+             f"  {'route':<11} {'us/step':>10} {'steps/s':>9} {'vs autograd':>12} {'peak mem/step':>14}"]
     for r in rows:
         mem = "n/a" if r.peak_mem_bytes is None else f"{r.peak_mem_bytes / 2**20:.2f} MiB"
-        lines.append(f"  {r.impl:<9} {r.us_per_step:>10.1f} {r.steps_per_s:>9.0f} "
+        lines.append(f"  {r.impl:<11} {r.us_per_step:>10.1f} {r.steps_per_s:>9.0f} "
                      f"{r.ratio_vs_autograd:>11.2f}x {mem:>14} {r.note}")
     return "\n".join(lines)
 

@@ -4,7 +4,8 @@ The step is launch-bound (about 2 MFLOP at the lecture's size: tens of microseco
 arithmetic against microseconds of overhead per kernel), so it is written as few kernels as
 possible, each writing into a buffer allocated once: parameters and gradients live in two flat
 tensors, so the whole SGD update is one kernel. Its tests prove it equal to the model's own
-forward and backward.
+forward and backward. Nothing in ``forward_backward`` allocates, syncs with the host or takes a
+number that changes from step to step, so on CUDA it can be captured in a graph (``cuda_graph``).
 
 Dimension letters: n batch, T block_size, E n_embd, H n_hidden, V vocab size.
 """
@@ -27,7 +28,7 @@ class FastStep:
     """
 
     def __init__(self, spec: ModelSpec, params: Params, X: Tensor, Y: Tensor, batch_size: int,
-                 opt: OptimConfig = OptimConfig(), dropout=None):
+                 opt: OptimConfig = OptimConfig(), dropout=None, deterministic: bool | None = None):
         check_batch_size(batch_size)
         self.X, self.Y, self.n = X, Y, batch_size
         ref = params["W1"]
@@ -53,6 +54,7 @@ class FastStep:
         self.dh, self.dhpreact, self.dhprebn = new(n, H), new(n, H), new(n, H)
         self.demb = new(n * T, E)
         self.dembcat = self.demb.view(n, T * E)
+        self.embedding_grad = EmbeddingGrad(self.xb_flat, self.demb, self.grads["C"], deterministic)
         self.W1_T, self.W2_T = self.params["W1"].T, self.params["W2"].T
         self.eps = torch.tensor(BN_EPS, dtype=ref.dtype, device=ref.device)
         self.inv_n = torch.tensor(1.0 / n, dtype=ref.dtype, device=ref.device)
@@ -64,8 +66,9 @@ class FastStep:
         self.optimizer.step(lr)
         return loss
 
-    def forward_backward(self, ix: Tensor) -> Tensor:
-        """Fill ``self.grads`` with the batch's gradients; return its loss."""
+    def forward_backward(self, ix: Tensor, loss_out: Tensor | None = None) -> Tensor:
+        """Fill ``self.grads`` with the batch's gradients; return its loss (written into
+        ``loss_out`` if given: a graph's step writes it into its own slot)."""
         p, g, n = self.params, self.grads, self.n
         xhat, tmp = self.xhat, self.tmp_nh
         torch.index_select(self.X, 0, ix, out=self.xb)
@@ -85,7 +88,7 @@ class FastStep:
         # (log-softmax first: the loss stays finite where a probability underflows to 0)
         logprobs = torch.log_softmax(self.logits, dim=1, out=self.logprobs)
         torch.gather(logprobs, 1, self.yb_col, out=self.picked)
-        loss = torch.dot(self.picked.view(-1), self.minus_inv_n)
+        loss = torch.dot(self.picked.view(-1), self.minus_inv_n, out=loss_out)
         dlogits = logprobs.exp_().scatter_add_(1, self.yb_col, self.minus_one).mul_(self.inv_n)
         # ---- backward: logits = h @ W2 + b2
         torch.mm(self.h_T, dlogits, out=g["W2"])
@@ -105,6 +108,35 @@ class FastStep:
         torch.mm(self.embcat_T, self.dhprebn, out=g["W1"])
         torch.sum(self.dhprebn, 0, out=g["b1"])
         torch.mm(self.dhprebn, self.W1_T, out=self.dembcat)
-        # emb = C[xb]: each row of C gets the sum of the rows that looked it up
-        g["C"].zero_().index_add_(0, self.xb_flat, self.demb)
+        self.embedding_grad()  # emb = C[xb]: each row of C gets the rows that looked it up
         return loss
+
+
+class EmbeddingGrad:
+    """dC for emb = C[xb]: each row of C gets the sum of the rows of demb that looked it up.
+
+    On the CPU an ``index_add_`` (the CPU's figures are pinned to it). On CUDA ``index_add_``
+    adds with atomics, in an order that varies from run to run, so there it is a one-hot
+    matmul, ``onehot(xb)^T @ demb``: one fixed order of summation, the same bits every run, for
+    an (n*T) x V buffer and one small GEMM in place of the scatter (two kernels either way).
+    """
+
+    def __init__(self, xb_flat: Tensor, demb: Tensor, dC: Tensor, deterministic: bool | None = None):
+        self.xb_flat, self.demb, self.dC = xb_flat, demb, dC
+        if deterministic is None:
+            deterministic = dC.device.type == "cuda"
+        self.onehot = None
+        if deterministic:
+            V = dC.shape[0]
+            self.xb_col = xb_flat.view(-1, 1)
+            # in demb's dtype, so that the comparison's common dtype is the output's: one kernel
+            self.vocab = torch.arange(V, dtype=demb.dtype, device=dC.device).view(1, V)
+            self.onehot = torch.empty(xb_flat.shape[0], V, dtype=demb.dtype, device=dC.device)
+            self.onehot_T = self.onehot.T
+
+    def __call__(self) -> None:
+        if self.onehot is None:
+            self.dC.zero_().index_add_(0, self.xb_flat, self.demb)
+        else:
+            torch.eq(self.xb_col, self.vocab, out=self.onehot)
+            torch.mm(self.onehot_T, self.demb, out=self.dC)

@@ -5,7 +5,8 @@ Two facts make it short. FlattenConsecutive(2) of a contiguous n x T x C tensor 
 (0, 1) of n x T x C is a batchnorm over the rows of its n*T x C view, so every level is the MLP's
 fused linear -> batchnorm -> tanh on a 2-D matrix of m = n*T_k rows. Every buffer and view is made
 once; parameters and gradients live in two flat buffers (the SGD update is one kernel). Its tests
-prove it equal to the model's own forward and backward.
+prove it equal to the model's own forward and backward. As the MLP's, it can be captured in a CUDA
+graph (``cuda_graph``), and its embedding gradient is deterministic on CUDA (``EmbeddingGrad``).
 
 Dimension letters: n batch, T block_size, E n_embd, H n_hidden, V vocab size; level k has
 m_k = n * T / 2^k rows.
@@ -21,6 +22,7 @@ from torch import Tensor
 from ..models.base import ModelSpec, Params
 from ..models.wavenet import MERGE, level_names
 from ..nn.normalisation import BN_EPS, check_batch_size
+from .fused_mlp import EmbeddingGrad
 from .optim import FlatParams, OptimConfig, make_optimizer
 
 
@@ -53,7 +55,7 @@ class Level:
 
 class FastStep:
     def __init__(self, spec: ModelSpec, params: Params, X: Tensor, Y: Tensor, batch_size: int,
-                 opt: OptimConfig = OptimConfig(), dropout=None):
+                 opt: OptimConfig = OptimConfig(), dropout=None, deterministic: bool | None = None):
         check_batch_size(batch_size)
         self.X, self.Y, self.n = X, Y, batch_size
         ref = params["C"]
@@ -71,6 +73,7 @@ class FastStep:
         self.xb, self.yb = new(n, T, dtype=torch.long), new(n, dtype=torch.long)
         self.xb_flat, self.yb_col = self.xb.view(-1), self.yb.view(n, 1)
         self.emb, self.demb = new(n * T, E), new(n * T, E)
+        self.embedding_grad = EmbeddingGrad(self.xb_flat, self.demb, g["C"], deterministic)
         below, dbelow, width, m = self.emb, self.demb, E, n * T
         self.levels: list[Level] = []
         for k in range(1, T.bit_length()):
@@ -96,8 +99,9 @@ class FastStep:
         self.optimizer.step(lr)
         return loss
 
-    def forward_backward(self, ix: Tensor) -> Tensor:
-        """Fill ``self.grads`` with the batch's gradients; return its loss."""
+    def forward_backward(self, ix: Tensor, loss_out: Tensor | None = None) -> Tensor:
+        """Fill ``self.grads`` with the batch's gradients; return its loss (written into
+        ``loss_out`` if given)."""
         p, g = self.params, self.grads
         torch.index_select(self.X, 0, ix, out=self.xb)
         torch.index_select(self.Y, 0, ix, out=self.yb)
@@ -108,7 +112,7 @@ class FastStep:
         # softmax cross-entropy; dlogits = (probs - onehot) / n, built in place over probs
         logprobs = torch.log_softmax(self.logits, dim=1, out=self.logprobs)
         torch.gather(logprobs, 1, self.yb_col, out=self.picked)
-        loss = torch.dot(self.picked.view(-1), self.minus_inv_n)
+        loss = torch.dot(self.picked.view(-1), self.minus_inv_n, out=loss_out)
         dlogits = logprobs.exp_().scatter_add_(1, self.yb_col, self.minus_one).mul_(self.inv_n)
         # logits = top @ Wout + bout
         torch.mm(self.top_T, dlogits, out=g["Wout"])
@@ -116,8 +120,7 @@ class FastStep:
         torch.mm(dlogits, self.Wout_T, out=self.dtop)
         for level in reversed(self.levels):
             self.level_backward(level)
-        # emb = C[xb]: each row of C gets the sum of the rows that looked it up
-        g["C"].zero_().index_add_(0, self.xb_flat, self.demb)
+        self.embedding_grad()  # emb = C[xb]: each row of C gets the rows that looked it up
         return loss
 
     def level_forward(self, L: Level) -> None:

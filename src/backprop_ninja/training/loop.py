@@ -3,7 +3,9 @@ checkpoints that resume exactly.
 
 On the CPU the batches are drawn from the generator that initialised the model, as in the
 lecture. Its state is part of every checkpoint, so a run cut into pieces with --resume gives
-bit-for-bit the parameters of the same run made straight.
+bit-for-bit the parameters of the same run made straight. On CUDA the batches are drawn a chunk
+of steps at a time from generators seeded by the run's seed and the chunk (``cuda_graph``), and a
+fused step runs as a CUDA graph per chunk: resumed runs are bit-exact there too.
 """
 
 from __future__ import annotations
@@ -27,11 +29,14 @@ from ..data import Dataset, default_data_path
 from ..errors import UserError
 from .. import models
 from ..models.base import Dropout, ModelSpec, Params, calibrate, evaluate
+from . import cuda_graph as G
 from . import workdir as W
 from .optim import OPTIMIZERS, FlatParams, OptimConfig, make_optimizer
 from .steps import make_step
 
-FLUSH_EVERY = 100  # steps between fetches of the loss (one device sync per fetch)
+# steps between fetches of the loss (one device sync per fetch); on CUDA a chunk of steps, so that
+# a chunk's loss slots are read before the next chunk reuses them
+FLUSH_EVERY = G.CHUNK
 # The val loss logged during training calibrates batchnorm on the first this-many training
 # examples (the final figures use all of them): a WaveNet's calibration is a pass over the
 # data per batchnorm layer, which over all 182,625 examples would cost as much as ~10k steps.
@@ -329,6 +334,79 @@ def verify_grads(grads: Params, reference: Params, step: int) -> None:
                             f"(max abs diff {row.maxdiff:.3g}); this is a bug, please report it")
 
 
+class PerStepBatches:
+    """The lecture's batches: each step's indices drawn from the run's generator, once a step."""
+
+    def __init__(self, generator: torch.Generator, N: int, batch_size: int, device: torch.device):
+        self.generator, self.N = generator, N
+        self.ix = torch.empty(batch_size, dtype=torch.long, device=device)
+        self.step: int | None = None
+
+    def __call__(self, step: int) -> torch.Tensor:
+        if step != self.step:
+            torch.randint(0, self.N, self.ix.shape, generator=self.generator, out=self.ix)
+            self.step = step
+        return self.ix
+
+
+class EagerRunner:
+    """One step a call, its kernels launched one by one: the step's own ``step(ix, lr)`` with a
+    Python learning rate, its batch from ``indices``, its loss kept until ``take_losses``."""
+
+    def __init__(self, stepper, indices: Callable[[int], torch.Tensor],
+                 lr_at: Callable[[int], float]):
+        self.stepper, self.indices, self.lr_at = stepper, indices, lr_at
+        self.pending: list[torch.Tensor] = []
+
+    def advance(self, i: int, limit: int) -> int:
+        self.pending.append(self.stepper.step(self.indices(i), self.lr_at(i)))
+        return 1
+
+    def take_losses(self) -> list[float]:
+        if not self.pending:
+            return []
+        losses = torch.stack(self.pending).tolist()
+        self.pending = []
+        return losses
+
+
+def make_runner(stepper, state: RunState, N: int, device: torch.device):
+    """What advances the run. On the CPU, the lecture's batches and the step one call at a time
+    (the CPU's figures are pinned to this). On CUDA, batches a chunk at a time, and a fused step
+    replayed as a CUDA graph per chunk; a step that cannot be captured runs eagerly."""
+    tcfg = state.tcfg
+    if device.type != "cuda":
+        return EagerRunner(stepper, PerStepBatches(state.generator, N, tcfg.batch_size, device),
+                           tcfg.lr_at)
+    batches = G.ChunkedBatches(N, tcfg.batch_size, tcfg.seed, device)
+    if G.not_capturable(stepper) is None:
+        return G.GraphRunner(stepper, batches, tcfg.lr_at)
+    return EagerRunner(stepper, batches.indices, tcfg.lr_at)
+
+
+def describe_runner(stepper) -> str:
+    why = G.not_capturable(stepper)
+    if why is None:
+        return f"the step runs as a CUDA graph of {G.CHUNK} steps"
+    return f"the step runs eagerly ({why}: no CUDA graph)"
+
+
+def same_masks(dropout: Dropout | None) -> Dropout | None:
+    """A copy of the step's dropout, its generator in the same state: autograd's reference then
+    draws the masks the step is about to draw, and the step's own draws are untouched."""
+    if dropout is None:
+        return None
+    twin = torch.Generator(device=dropout.rng.device)
+    twin.set_state(dropout.rng.get_state())
+    return Dropout(dropout.p, twin)
+
+
+def next_stop(i: int, steps: int, periods: tuple[int, ...]) -> int:
+    """The first step after i at which the loop has something to do: the end of the run, or a
+    multiple of one of the (non-zero) periods."""
+    return min([steps] + [(i // p + 1) * p for p in periods if p])
+
+
 def run_loop(state: RunState, opts: Options) -> str:
     """Train from state.step to tcfg.steps; return 'done' or 'interrupted'. Saves as it goes."""
     tcfg, spec, device = state.tcfg, state.spec, next(iter(state.params.values())).device
@@ -338,9 +416,11 @@ def run_loop(state: RunState, opts: Options) -> str:
     if state.optimizer_state:
         stepper.optimizer.load_state(state.optimizer_state)
     state.params = stepper.params
-    ix = torch.empty(tcfg.batch_size, dtype=torch.long, device=device)
+    runner = make_runner(stepper, state, X.shape[0], device)
+    if device.type == "cuda":
+        opts.log(f"on {device}: {describe_runner(stepper)}")
+    periods = (FLUSH_EVERY, opts.diag_every, opts.eval_every, opts.checkpoint_every)
     Xva, Yva = (t.to(device) for t in state.data.splits["val"])
-    pending: list[torch.Tensor] = []
     unsaved: list[dict] = []
     bar = tqdm(total=tcfg.steps, initial=state.step, unit="step", file=sys.stderr, mininterval=0.5,
                disable=None if opts.progress else True, dynamic_ncols=True)
@@ -350,12 +430,10 @@ def run_loop(state: RunState, opts: Options) -> str:
     resumed = state.start_step > 0
 
     def flush() -> None:
-        nonlocal pending
-        if not pending:
+        losses = runner.take_losses()
+        if not losses:
             return
-        first = state.step - len(pending)
-        losses = torch.stack(pending).tolist()
-        pending = []
+        first = state.step - len(losses)
         for k, loss in enumerate(losses):
             if not math.isfinite(loss):
                 raise diverged(loss, first + k)
@@ -389,14 +467,15 @@ def run_loop(state: RunState, opts: Options) -> str:
         with StopFlag() as stop, torch.no_grad():  # no graph: the gradients are hand-written
             while state.step < tcfg.steps and not stop.requested:
                 i = state.step
-                lr = tcfg.lr_at(i)
-                torch.randint(0, X.shape[0], (tcfg.batch_size,), generator=state.generator, out=ix)
-                reference = autograd_param_grads(spec, state.params, X[ix], Y[ix]) \
-                    if i < opts.check_grads else None
-                pending.append(stepper.step(ix, lr))
-                if reference is not None:
+                if i < opts.check_grads:
+                    ix = runner.indices(i)
+                    reference = autograd_param_grads(spec, state.params, X[ix], Y[ix],
+                                                     same_masks(dropout))
+                    state.step = i + runner.advance(i, i + 1)
                     verify_grads(stepper.grads, reference, i)
-                state.step = i + 1
+                else:
+                    state.step = i + runner.advance(i, next_stop(i, tcfg.steps, periods))
+                lr = tcfg.lr_at(state.step - 1)
                 if state.step % FLUSH_EVERY == 0:
                     flush()
                 if opts.diag_every and state.step % opts.diag_every == 0:

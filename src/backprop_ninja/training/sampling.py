@@ -5,6 +5,10 @@ a sequence model a sequence of one, which grows up to block_size, its last posit
 at each position the whole batch draws its next index from softmax(logits / temperature)
 (optionally restricted to the top k), and an item ends at the boundary token. Items still
 running at ``max_len`` are cut there.
+
+On a GPU nothing in the loop waits for the device but the check whether every item has ended,
+made every ``CHECK_EVERY`` positions there (every position on the CPU, where it costs nothing).
+The positions drawn after the last item ended change no item.
 """
 
 from __future__ import annotations
@@ -16,6 +20,8 @@ from torch import Tensor
 
 from ..errors import UserError
 from ..models.base import ModelSpec, Params, Stats
+
+CHECK_EVERY = 8  # positions between checks that some item still runs, on a GPU (a host sync)
 
 
 @torch.no_grad()
@@ -34,17 +40,18 @@ def sample_indices(spec: ModelSpec, params: Params, stats: Stats, block_size: in
     out = torch.zeros(num, max_len, dtype=torch.long, device=device)
     running = torch.ones(num, dtype=torch.bool, device=device)
     length = torch.full((num,), max_len, dtype=torch.long, device=device)
+    check_every = 1 if device.type == "cpu" else CHECK_EVERY
     for t in range(max_len):
         logits = spec.forward(params, context, stats=stats).logits
         logits = (logits[:, -1] if sequence else logits) / temperature
         probs = torch.softmax(restrict_top_k(logits, top_k), dim=1)
         ix = torch.multinomial(probs, 1, generator=generator).view(-1)
         ended = running & (ix == 0)
-        length[ended] = t
+        length.masked_fill_(ended, t)  # not length[ended] = t: a boolean index waits for the GPU
         running &= ~ended
         out[:, t] = ix * running
         context = torch.cat([context, ix.view(-1, 1)], dim=1)[:, -block_size:]
-        if not running.any():
+        if (t + 1) % check_every == 0 and not running.any():
             break
     return [row[:n].tolist() for row, n in zip(out.cpu(), length.cpu().tolist())]
 
