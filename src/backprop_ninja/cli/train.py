@@ -213,16 +213,6 @@ def register(sub) -> None:
     p.add_argument("-o", "--out-dir", "--work-dir", dest="out_dir", default=DEFAULT_WORKDIR,
                    help="the run's work directory")
     p.add_argument("-n", "--num-samples", type=int, default=20, help="how many items (default 20)")
-    p.add_argument("--lr-schedule", choices=("step", "cosine"), default=None,
-                   help="step: --lr until --lr-decay-step, then --lr-decay-to (recipe: mlp); "
-                        "cosine: a half cosine from --lr down to --lr-decay-to at --lr-decay-step")
-    p.add_argument("--warmup-steps", type=int, default=None,
-                   help="linear learning-rate warm-up from 0 over this many steps (recipe: 0)")
-    p.add_argument("--optimizer", choices=("sgd", "adamw"), default=None,
-                   help="update rule, written by hand over flat buffers (recipe: sgd for the "
-                        "lecture's models, adamw for makemore's)")
-    p.add_argument("--weight-decay", type=float, default=None,
-                   help="decoupled weight decay, as AdamW's (recipe: 0, or makemore's 0.01)")
     p.add_argument("--seed", type=int, default=None, help="sampling seed (default: random)")
     p.add_argument("--temperature", type=float, default=1.0, help="softmax temperature (default 1)")
     p.add_argument("--top-k", type=int, default=None, help="sample only from the k likeliest symbols")
@@ -239,5 +229,8 @@ def register(sub) -> None:
     p.add_argument("--no-memory", action="store_true", help="skip the peak-memory measurements")
     p.add_argument("--compile", action="store_true",
                    help="also time torch.compile of the eager step (reports its compile time)")
-    p.add_argument("--device", choices=("cpu", "cuda"), default=None)
+    p.add_argument("--device", choices=("cpu", "cuda"), default=None,
+                   help="default: cuda when available, else cpu. On cuda, fast is the fused step "
+                        "as a CUDA graph, and compiled-ro (torch.compile with "
+                        "mode='reduce-overhead', compiled first) is timed too")
     p.set_defaults(func=cmd_bench)

@@ -30,6 +30,11 @@ from ..nn.transformer import BlockCache, block_backward, block_forward
 from .base import Dropout, Forward, ModelSpec, Params, Stats
 from .rnn import ADAMW_RECIPE, uniform
 
+# makemore's AdamW (betas 0.9/0.99, eps 1e-8), with what a practitioner adds against its
+# overfitting: a warm-up, a cosine decay to a tenth, residual dropout and stronger weight decay
+RECIPE = {**ADAMW_RECIPE, "steps": 30_000, "lr": 1e-3, "lr_decay_step": 30_000,
+          "lr_decay_to": 1e-4, "warmup_steps": 1_000, "weight_decay": 0.1, "dropout": 0.2}
+
 BLOCK_PARAMS = ("ln1_w", "ln1_b", "w_qkv", "b_qkv", "w_proj", "b_proj", "ln2_w", "ln2_b",
                 "w_fc", "b_fc", "w_fc2", "b_fc2")  # block_forward's order
 
@@ -131,7 +136,7 @@ def attention_maps(cache: Cache) -> list[Tensor]:
 SPEC = ModelSpec(
     name="transformer", summary="makemore's transformer: GPT-2 style pre-norm blocks of causal "
                                 "self-attention and a 4x GELU MLP, every backward by hand",
-    config=Config, recipe=ADAMW_RECIPE, layout="sequence", dropout=True, init=init,
+    config=Config, recipe=RECIPE, layout="sequence", dropout=True, init=init,
     forward=forward, backward=backward, check_config=check_config,
     tiny={"n_layer": 2, "n_head": 2, "n_embd": 8}, bench_sizes=((32, {}),),
     attention_maps=attention_maps)
