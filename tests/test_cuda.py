@@ -25,7 +25,7 @@ from backprop_ninja.cli import main
 from backprop_ninja.training import bench as B
 from backprop_ninja.training import cuda_graph as G
 from backprop_ninja.training import loop
-from backprop_ninja.training.fused_mlp import EmbeddingGrad
+from backprop_ninja.training.fused import EmbeddingGrad
 from backprop_ninja.training.loop import TrainConfig, next_stop
 from backprop_ninja.training.optim import OptimConfig
 from backprop_ninja.training.steps import make_step, routes

@@ -21,9 +21,8 @@ from torch import Tensor
 
 from ..models.base import ModelSpec, Params
 from ..models.wavenet import MERGE, level_names
-from ..nn.normalisation import BN_EPS, check_batch_size
-from .fused_mlp import EmbeddingGrad
-from .optim import FlatParams, OptimConfig, make_optimizer
+from .fused import FusedStep
+from .optim import OptimConfig
 
 
 @dataclass
@@ -53,27 +52,15 @@ class Level:
     m: int
 
 
-class FastStep:
+class FastStep(FusedStep):
+    """The WaveNet's step: every level fused on its 2-D row view, then the head."""
+
     def __init__(self, spec: ModelSpec, params: Params, X: Tensor, Y: Tensor, batch_size: int,
                  opt: OptimConfig = OptimConfig(), dropout=None, deterministic: bool | None = None):
-        check_batch_size(batch_size)
-        self.X, self.Y, self.n = X, Y, batch_size
-        ref = params["C"]
-        self.buffers = FlatParams(params)
-        self.flat, self.params, self.grads = self.buffers.flat, self.buffers.params, self.buffers.grads
-        self.optimizer = make_optimizer(self.buffers, opt)
-        p, g = self.params, self.grads
+        super().__init__(params, X, Y, batch_size, opt, deterministic)
+        p, g, new = self.params, self.grads, self.new
         n, T = batch_size, X.shape[1]
-        V, E = p["C"].shape
-        H = p["Wout"].shape[0]
-
-        def new(*shape, dtype=ref.dtype):
-            return torch.empty(shape, dtype=dtype, device=ref.device)
-
-        self.xb, self.yb = new(n, T, dtype=torch.long), new(n, dtype=torch.long)
-        self.xb_flat, self.yb_col = self.xb.view(-1), self.yb.view(n, 1)
-        self.emb, self.demb = new(n * T, E), new(n * T, E)
-        self.embedding_grad = EmbeddingGrad(self.xb_flat, self.demb, g["C"], deterministic)
+        E, H = p["C"].shape[1], p["Wout"].shape[0]
         below, dbelow, width, m = self.emb, self.demb, E, n * T
         self.levels: list[Level] = []
         for k in range(1, T.bit_length()):
@@ -88,32 +75,16 @@ class FastStep:
             below, dbelow, width = h, dh, H
         self.top, self.dtop = below, dbelow                        # n x H
         self.top_T, self.Wout_T = self.top.T, p["Wout"].T
-        self.logits, self.logprobs, self.picked = new(n, V), new(n, V), new(n, 1)
-        self.eps = torch.tensor(BN_EPS, dtype=ref.dtype, device=ref.device)
-        self.inv_n = torch.tensor(1.0 / n, dtype=ref.dtype, device=ref.device)
-        self.minus_one = torch.full((n, 1), -1.0, dtype=ref.dtype, device=ref.device)
-        self.minus_inv_n = torch.full((n,), -1.0 / n, dtype=ref.dtype, device=ref.device)
-
-    def step(self, ix: Tensor, lr: float) -> Tensor:
-        loss = self.forward_backward(ix)
-        self.optimizer.step(lr)
-        return loss
 
     def forward_backward(self, ix: Tensor, loss_out: Tensor | None = None) -> Tensor:
         """Fill ``self.grads`` with the batch's gradients; return its loss (written into
         ``loss_out`` if given)."""
         p, g = self.params, self.grads
-        torch.index_select(self.X, 0, ix, out=self.xb)
-        torch.index_select(self.Y, 0, ix, out=self.yb)
-        torch.index_select(p["C"], 0, self.xb_flat, out=self.emb)     # n*T x E
+        self.embed(ix)                                              # n*T x E
         for level in self.levels:
             self.level_forward(level)
         torch.addmm(p["bout"], self.top, p["Wout"], out=self.logits)   # n x V
-        # softmax cross-entropy; dlogits = (probs - onehot) / n, built in place over probs
-        logprobs = torch.log_softmax(self.logits, dim=1, out=self.logprobs)
-        torch.gather(logprobs, 1, self.yb_col, out=self.picked)
-        loss = torch.dot(self.picked.view(-1), self.minus_inv_n, out=loss_out)
-        dlogits = logprobs.exp_().scatter_add_(1, self.yb_col, self.minus_one).mul_(self.inv_n)
+        loss, dlogits = self.cross_entropy(loss_out)
         # logits = top @ Wout + bout
         torch.mm(self.top_T, dlogits, out=g["Wout"])
         torch.sum(dlogits, 0, out=g["bout"])
