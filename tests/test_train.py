@@ -17,6 +17,7 @@ from functools import lru_cache
 from backprop_ninja import models
 from backprop_ninja.checking.models import autograd_param_grads
 from backprop_ninja.cli import main
+from helpers import one_line_error
 from backprop_ninja.data import Dataset, default_data_path
 from backprop_ninja.models import mlp
 from backprop_ninja.training.steps import AutogradStep, EagerStep, make_step, routes
@@ -235,15 +236,6 @@ def test_interrupt_saves_a_resumable_checkpoint(tmp_path):
 
 
 # --- bad input -------------------------------------------------------------------------------
-
-def one_line_error(capsys, rc: int, *needles: str) -> str:
-    assert rc == 2
-    err = capsys.readouterr().err.strip()
-    assert "\n" not in err and "Traceback" not in err, err
-    for needle in needles:
-        assert needle in err, err
-    return err
-
 
 @pytest.mark.parametrize("content,needle", [
     (None, "does not exist"), (b"", "no items"), (b"\n \n", "no items"),

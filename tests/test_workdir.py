@@ -13,18 +13,10 @@ import pytest
 from backprop_ninja.training import fused_mlp as S
 from backprop_ninja.training import workdir as W
 from backprop_ninja.cli import main
+from helpers import one_line_error
 
 SMALL = ["--n-hidden", "32", "--no-progress", "--num-samples", "0", "--eval-every", "0"]
 FILES = ("config.json", "metrics.jsonl", "checkpoint.safetensors")
-
-
-def one_line_error(capsys, rc: int, *needles: str) -> str:
-    assert rc == 2
-    err = capsys.readouterr().err.strip()
-    assert "\n" not in err and "Traceback" not in err, err
-    for needle in needles:
-        assert needle in err, err
-    return err
 
 
 @pytest.fixture

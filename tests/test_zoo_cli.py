@@ -10,20 +10,12 @@ from safetensors.torch import load_file
 
 from backprop_ninja import models
 from backprop_ninja.cli import main
+from helpers import one_line_error
 
 QUIET = ["--no-progress", "--num-samples", "0", "--eval-every", "100"]
 TINY = {"bigram": [], "mlp": ["--n-hidden", "32"], "wavenet": ["--n-hidden", "32", "--n-embd", "8"],
         "rnn": ["--n-embd2", "16"], "gru": ["--n-embd2", "16"], "bow": ["--n-embd2", "16"],
         "transformer": ["--n-layer", "1", "--n-head", "2", "--n-embd", "16"]}
-
-
-def one_line_error(capsys, rc: int, *needles: str) -> str:
-    assert rc == 2
-    err = capsys.readouterr().err.strip()
-    assert "\n" not in err and "Traceback" not in err, err
-    for needle in needles:
-        assert needle in err, err
-    return err
 
 
 @pytest.mark.parametrize("name", sorted(models.MODELS))
