@@ -64,14 +64,14 @@ def init(cfg: Config, g: torch.Generator) -> Params:
     forward needs nothing but the parameters."""
     V, T, C, H = cfg.vocab_size, cfg.block_size, cfg.n_embd, cfg.n_head
     params = {"wte": torch.randn((V, C), generator=g), "wpe": torch.randn((T, C), generator=g)}
-    for l in range(cfg.n_layer):
+    for layer in range(cfg.n_layer):
         params.update({
-            f"h{l}.ln1_w": torch.ones(C), f"h{l}.ln1_b": torch.zeros(C),
-            f"h{l}.w_qkv": uniform(g, C, C, 3 * C), f"h{l}.b_qkv": uniform(g, C, 3, H, C // H),
-            f"h{l}.w_proj": uniform(g, C, C, C), f"h{l}.b_proj": uniform(g, C, C),
-            f"h{l}.ln2_w": torch.ones(C), f"h{l}.ln2_b": torch.zeros(C),
-            f"h{l}.w_fc": uniform(g, C, C, 4 * C), f"h{l}.b_fc": uniform(g, C, 4 * C),
-            f"h{l}.w_fc2": uniform(g, 4 * C, 4 * C, C), f"h{l}.b_fc2": uniform(g, 4 * C, C)})
+            f"h{layer}.ln1_w": torch.ones(C), f"h{layer}.ln1_b": torch.zeros(C),
+            f"h{layer}.w_qkv": uniform(g, C, C, 3 * C), f"h{layer}.b_qkv": uniform(g, C, 3, H, C // H),
+            f"h{layer}.w_proj": uniform(g, C, C, C), f"h{layer}.b_proj": uniform(g, C, C),
+            f"h{layer}.ln2_w": torch.ones(C), f"h{layer}.ln2_b": torch.zeros(C),
+            f"h{layer}.w_fc": uniform(g, C, C, 4 * C), f"h{layer}.b_fc": uniform(g, C, 4 * C),
+            f"h{layer}.w_fc2": uniform(g, 4 * C, 4 * C, C), f"h{layer}.b_fc2": uniform(g, 4 * C, C)})
     params.update({"lnf_w": torch.ones(C), "lnf_b": torch.zeros(C),
                    "lm_head": uniform(g, C, C, V)})
     return params
@@ -95,8 +95,8 @@ def forward(params: Params, X: Tensor, Y: Tensor | None = None, stats: Stats | N
     qkv_bias_shape = params["h0.b_qkv"].shape
     x, emb_c = token_position_forward(params["wte"], params["wpe"], X)       # n x T x C
     blocks = []
-    for l in range(n_layer(params)):
-        weights = [params[f"h{l}.{k}"].reshape(-1) if k == "b_qkv" else params[f"h{l}.{k}"]
+    for layer in range(n_layer(params)):
+        weights = [params[f"h{layer}.{k}"].reshape(-1) if k == "b_qkv" else params[f"h{layer}.{k}"]
                    for k in BLOCK_PARAMS]
         x, block_c = block_forward(x, *weights, qkv_bias_shape[1], *(dropout or (0.0, None)))
         blocks.append(block_c)
@@ -113,10 +113,10 @@ def backward(cache: Cache, act_grads: dict[str, Tensor] | None = None) -> Params
     dx, dlm_head = linear_backward(dlogits, cache.head)
     dx, dlnf_w, dlnf_b = layernorm_backward(dx, cache.lnf)
     grads = {"lm_head": dlm_head, "lnf_w": dlnf_w, "lnf_b": dlnf_b}
-    for l in range(len(cache.blocks) - 1, -1, -1):
-        dx, *dblock = block_backward(dx, cache.blocks[l])
-        grads.update({f"h{l}.{k}": d for k, d in zip(BLOCK_PARAMS, dblock)})
-        grads[f"h{l}.b_qkv"] = grads[f"h{l}.b_qkv"].view(cache.qkv_bias_shape)
+    for layer in range(len(cache.blocks) - 1, -1, -1):
+        dx, *dblock = block_backward(dx, cache.blocks[layer])
+        grads.update({f"h{layer}.{k}": d for k, d in zip(BLOCK_PARAMS, dblock)})
+        grads[f"h{layer}.b_qkv"] = grads[f"h{layer}.b_qkv"].view(cache.qkv_bias_shape)
     grads["wte"], grads["wpe"] = token_position_backward(dx, cache.emb)
     if act_grads is not None:
         act_grads["logits"] = dlogits
