@@ -26,6 +26,7 @@ from typing import Any, Callable, NamedTuple
 import torch
 from torch import Tensor
 
+from ..errors import UserError
 from ..nn.losses import IGNORE_INDEX
 from ..nn.normalisation import BatchNormStats, StatsAccumulator
 
@@ -90,6 +91,13 @@ class ModelSpec:
         """Characters of context per example (1 for the bigram: the previous character); None
         for a sequence model whose block size is still to come from the data."""
         return getattr(cfg, "block_size", 1) or None
+
+
+def require_positive(cfg, *names: str) -> None:
+    """A one-line error for the first of the config's ``names`` that is below 1, as its flag."""
+    for name in names:
+        if getattr(cfg, name) < 1:
+            raise UserError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(cfg, name)}")
 
 
 def num_params(params: Params) -> int:

@@ -19,13 +19,12 @@ from typing import NamedTuple
 import torch
 from torch import Tensor
 
-from ..errors import UserError
 from ..nn.activations import TanhCache, tanh_backward, tanh_forward
 from ..nn.embedding import EmbeddingCache, embedding_backward, embedding_forward
 from ..nn.linear import LinearCache, linear_backward, linear_forward
 from ..nn.losses import CrossEntropyCache, cross_entropy_backward, cross_entropy_forward
 from ..nn.normalisation import BatchNormCache, batchnorm_backward, batchnorm_forward
-from .base import Dropout, Forward, ModelSpec, Params, Stats
+from .base import Dropout, Forward, ModelSpec, Params, Stats, require_positive
 
 PARAM_NAMES = ("C", "W1", "b1", "W2", "b2", "bngain", "bnbias")
 LECTURE_SEED = 2147483647
@@ -40,9 +39,7 @@ class Config:
 
 
 def check_config(cfg: Config) -> None:
-    for name in ("block_size", "n_embd", "n_hidden"):
-        if getattr(cfg, name) < 1:
-            raise UserError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(cfg, name)}")
+    require_positive(cfg, "block_size", "n_embd", "n_hidden")
 
 
 def init(cfg: Config, generator: torch.Generator) -> Params:

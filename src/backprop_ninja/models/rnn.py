@@ -23,7 +23,7 @@ from ..nn.embedding import EmbeddingCache, embedding_backward, embedding_forward
 from ..nn.linear import LinearCache, linear_backward, linear_forward
 from ..nn.losses import IGNORE_INDEX, CrossEntropyCache, cross_entropy_backward, cross_entropy_forward
 from ..nn.recurrent import gru_backward, gru_forward, rnn_backward, rnn_forward
-from .base import Dropout, Forward, ModelSpec, Params, Stats
+from .base import Dropout, Forward, ModelSpec, Params, Stats, require_positive
 
 ADAMW_RECIPE = {"steps": 20_000, "batch_size": 32, "lr": 5e-4, "lr_decay_step": 20_000,
                 "lr_decay_to": 5e-5, "seed": 3407, "optimizer": "adamw", "weight_decay": 0.01,
@@ -39,9 +39,7 @@ class Config:
 
 
 def check_config(cfg) -> None:
-    for name in ("n_embd", "n_embd2"):
-        if getattr(cfg, name) < 1:
-            raise UserError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(cfg, name)}")
+    require_positive(cfg, "n_embd", "n_embd2")
     if cfg.block_size < 0:
         raise UserError(f"--block-size must be at least 1, got {cfg.block_size}")
 

@@ -27,7 +27,7 @@ from ..nn.linear import LinearCache, linear_backward, linear_forward
 from ..nn.losses import IGNORE_INDEX, CrossEntropyCache, cross_entropy_backward, cross_entropy_forward
 from ..nn.normalisation import LayerNormCache, layernorm_backward, layernorm_forward
 from ..nn.transformer import BlockCache, block_backward, block_forward
-from .base import Dropout, Forward, ModelSpec, Params, Stats
+from .base import Dropout, Forward, ModelSpec, Params, Stats, require_positive
 from .rnn import ADAMW_RECIPE, uniform
 
 # makemore's AdamW (betas 0.9/0.99, eps 1e-8), with what a practitioner adds against its
@@ -49,9 +49,7 @@ class Config:
 
 
 def check_config(cfg: Config) -> None:
-    for name in ("n_layer", "n_head", "n_embd"):
-        if getattr(cfg, name) < 1:
-            raise UserError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(cfg, name)}")
+    require_positive(cfg, "n_layer", "n_head", "n_embd")
     if cfg.block_size < 0:
         raise UserError(f"--block-size must be at least 1, got {cfg.block_size}")
     check_heads(cfg.n_embd, cfg.n_head)

@@ -30,7 +30,7 @@ from ..nn.linear import LinearCache, linear_backward, linear_forward
 from ..nn.losses import CrossEntropyCache, cross_entropy_backward, cross_entropy_forward
 from ..nn.normalisation import BatchNormCache, batchnorm_backward, batchnorm_forward
 from ..nn.reshape import FlattenCache, flatten_consecutive_backward, flatten_consecutive_forward
-from .base import Dropout, Forward, ModelSpec, Params, Stats
+from .base import Dropout, Forward, ModelSpec, Params, Stats, require_positive
 
 MERGE = 2  # positions merged per level
 MAX_LEVELS = 6
@@ -53,9 +53,7 @@ def check_config(cfg: Config) -> None:
     if cfg.block_size not in valid:
         raise UserError(f"--block-size {cfg.block_size} cannot be halved level by level down to 1 "
                         f"position; the WaveNet's valid sizes are {', '.join(map(str, valid))}")
-    for name in ("n_embd", "n_hidden"):
-        if getattr(cfg, name) < 1:
-            raise UserError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(cfg, name)}")
+    require_positive(cfg, "n_embd", "n_hidden")
 
 
 def level_names(k: int) -> tuple[str, str, str]:
