@@ -58,17 +58,22 @@ GELU_K = 0.044715
 
 class GeluCache(NamedTuple):
     x: Tensor
-    tanh_u: Tensor  # tanh(u), u = sqrt(2/pi) * (x + 0.044715 x^3); recomputing it costs a tanh
+    s: Tensor  # sigmoid(2u), u = sqrt(2/pi) * (x + 0.044715 x^3): the output is x * s
 
 
 def gelu_forward(x: Tensor) -> tuple[Tensor, GeluCache]:
-    """gelu(x) = 0.5 x (1 + tanh(u)), u = sqrt(2/pi) (x + 0.044715 x^3)."""
-    tanh_u = torch.tanh(GELU_C * (x + GELU_K * x * x * x))
-    return 0.5 * x * (1.0 + tanh_u), GeluCache(x, tanh_u)
+    """gelu(x) = 0.5 x (1 + tanh(u)), u = sqrt(2/pi) (x + 0.044715 x^3), computed as x * sigmoid(2u):
+    the same function, since (1 + tanh(u)) / 2 = sigmoid(2u), and on a CPU torch's sigmoid is
+    several times faster than its tanh (96 vs 600 us over 32 x 16 x 256 floats, one thread)."""
+    s = (x * x).mul_(2.0 * GELU_C * GELU_K).add_(2.0 * GELU_C).mul_(x).sigmoid_()   # sigmoid(2u)
+    return x * s, GeluCache(x, s)
 
 
 def gelu_backward(dout: Tensor, cache: GeluCache) -> tuple[Tensor]:
-    """d/dx = 0.5 (1 + tanh u) + 0.5 x (1 - tanh^2 u) du/dx,  du/dx = sqrt(2/pi) (1 + 3k x^2)."""
-    x, t = cache.x, cache.tanh_u
-    du = GELU_C * (1.0 + 3.0 * GELU_K * x * x)
-    return (dout * (0.5 * (1.0 + t) + 0.5 * x * (1.0 - t * t) * du),)
+    """With s = sigmoid(2u):  d/dx (x s) = s + x s (1 - s) d(2u)/dx,  d(2u)/dx = 2 sqrt(2/pi) (1 + 3k x^2).
+
+    The same derivative as 0.5 (1 + tanh u) + 0.5 x (1 - tanh^2 u) du/dx, written in s."""
+    x, s = cache.x, cache.s
+    dx = (x * x).mul_(6.0 * GELU_C * GELU_K).add_(2.0 * GELU_C).mul_(x)   # x d(2u)/dx
+    dx.mul_(s).mul_(1.0 - s).add_(s)
+    return (dx.mul_(dout),)

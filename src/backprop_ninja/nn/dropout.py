@@ -18,31 +18,30 @@ from ..errors import UserError
 
 
 class DropoutCache(NamedTuple):
-    keep: Tensor | None  # bool, like x: the values kept (None for p == 0: everything passes)
-    scale: float         # 1 / (1 - p)
+    mult: Tensor | None  # like x: 1/(1-p) where kept, 0 where dropped (None for p == 0: all pass)
 
 
 def dropout_forward(x: Tensor, p: float, generator: torch.Generator
                     ) -> tuple[Tensor, DropoutCache]:
-    """out = x * keep / (1 - p), keep[i] = (u[i] >= p), u uniform in [0, 1) from ``generator``.
+    """out = x * mult, mult[i] = (u[i] >= p) / (1 - p), u uniform in [0, 1) from ``generator``.
     p == 0 returns x itself and draws nothing (the generator is left as it was)."""
     if not 0.0 <= p < 1.0:
         raise UserError(f"--dropout must be at least 0 and below 1, got {p}: it is the "
                         "probability of zeroing a value (1 would zero them all)")
     if p == 0.0:
-        return x, DropoutCache(None, 1.0)
+        return x, DropoutCache(None)
     u = torch.rand(x.shape, generator=generator, dtype=torch.float32, device=x.device)
-    keep = u >= p
-    scale = 1.0 / (1.0 - p)
-    return x * keep * scale, DropoutCache(keep, scale)
+    mult = u.ge_(p).to(x.dtype).mul_(1.0 / (1.0 - p))
+    return x * mult, DropoutCache(mult)
 
 
 def dropout_backward(dout: Tensor, cache: DropoutCache) -> tuple[Tensor]:
-    """dx = dout * keep / (1 - p): the forward's own mask, saved as one byte per value rather
-    than redrawn, since redrawing would need the generator's state from before the forward.
-    With p == 0 this is the identity. No term can hide under a constant upstream gradient (dx
-    is then the scaled mask itself); the mistake to guard against is a backward with another
+    """dx = dout * mult: the forward's own mask, kept scaled in x's dtype (one multiply each
+    way; a bool mask would cost a conversion and a second multiply on every use) rather than
+    redrawn, since redrawing would need the generator's state from before the forward. With
+    p == 0 this is the identity. No term can hide under a constant upstream gradient (dx is
+    then the scaled mask itself); the mistake to guard against is a backward with another
     mask, which the registry catches because its reference draws the mask from the same seed."""
-    if cache.keep is None:
+    if cache.mult is None:
         return (dout,)
-    return (dout * cache.keep * cache.scale,)
+    return (dout * cache.mult,)

