@@ -235,6 +235,65 @@ def test_interrupt_saves_a_resumable_checkpoint(tmp_path):
     assert not torch.equal(ckpt["W1"], a["W1"])
 
 
+
+# --- weight averaging (--ema) ---------------------------------------------------------------
+
+def test_averaged_parameters_follow_the_formula_and_leave_training_alone():
+    """avg = d_t avg + (1 - d_t) p after each step, d_t = min(decay, (1 + t) / (10 + t)); the
+    trained parameters are those of the same run without averaging, bit for bit."""
+    from backprop_ninja.training.optim import Averaged, OptimConfig
+    spec, params, X, Y = setup()
+    plain = make_step("fast", spec, params, X, Y, 32, OptimConfig("adamw", 0.01))
+    avg = make_step("fast", spec, params, X, Y, 32, OptimConfig("adamw", 0.01, ema=0.9))
+    assert isinstance(avg.optimizer, Averaged)
+    expected = avg.buffers.flat.clone().double()
+    for t, ix in enumerate(batches(X.shape[0], 60)):
+        plain.step(ix, 1e-3)
+        avg.step(ix, 1e-3)
+        d = min(0.9, (1 + t) / (10 + t))
+        expected = d * expected + (1 - d) * avg.buffers.flat.double()
+    assert torch.equal(plain.buffers.flat, avg.buffers.flat)
+    torch.testing.assert_close(avg.optimizer.avg.double(), expected, rtol=1e-5, atol=1e-6)
+    assert not torch.equal(avg.optimizer.avg, avg.buffers.flat)
+    assert all(v.untyped_storage().data_ptr() == avg.optimizer.avg.untyped_storage().data_ptr()
+               for v in avg.optimizer.averaged.values())
+
+
+def test_ema_run_saves_the_average_and_resumes_bit_exact(tmp_path, capsys):
+    args = ["--optimizer", "adamw", "--lr", "3e-3", "--ema", "0.99", "--eval-every", "100",
+            "--device", "cpu"]
+    assert train(tmp_path, "straight", "--steps", "300", *args)[0] == 0
+    assert train(tmp_path, "cut", "--steps", "120", *args)[0] == 0
+    assert main(["train", "-o", str(tmp_path / "cut"), "--resume", "--steps", "300",
+                 "--no-progress", "--num-samples", "0"]) == 0
+    a, c = (load_file(str(tmp_path / d / "checkpoint.safetensors")) for d in ("straight", "cut"))
+    assert set(a) == set(c) and {"ema_params", "ema_t", "adamw_m"} <= set(a)
+    assert all(torch.equal(a[k], c[k]) for k in a), RUN_TO_RUN
+    assert int(a["ema_t"]) == 300
+    # the model is the average, not the last step's parameters
+    model = load_file(str(tmp_path / "straight" / "model.safetensors"))
+    names = list(mlp.init(mlp.Config(27, n_hidden=32), torch.Generator()))
+    flat = torch.cat([model[k].reshape(-1) for k in names])
+    assert torch.equal(flat, a["ema_params"])
+    assert not torch.equal(flat, torch.cat([a[k].reshape(-1) for k in names]))
+    capsys.readouterr()
+    assert main(["eval", "-o", str(tmp_path / "straight"), "--json"]) == 0
+    assert 2.0 < json.loads(capsys.readouterr().out)["val"] < 3.0
+    # the recorded config keeps the decay, and resuming with another one is refused
+    assert json.loads((tmp_path / "straight" / "config.json").read_text())["train"]["ema"] == 0.99
+    rc = main(["train", "-o", str(tmp_path / "cut"), "--resume", "--steps", "400", "--ema", "0.9",
+               "--no-progress"])
+    one_line_error(capsys, rc, "--ema 0.9 differs from the run being resumed (0.99)")
+
+
+def test_ema_has_no_cuda_graph_update():
+    from backprop_ninja.training import cuda_graph
+    from backprop_ninja.training.optim import OptimConfig
+    spec, params, X, Y = setup()
+    step = make_step("fast", spec, params, X, Y, 32, OptimConfig("sgd", ema=0.99))
+    assert cuda_graph.not_capturable(step) == "--ema's averaging has no graph update"
+
+
 # --- bad input -------------------------------------------------------------------------------
 
 @pytest.mark.parametrize("content,needle", [
@@ -259,6 +318,7 @@ def test_batch_size_one(tmp_path, capsys):
     (["train", "--steps", "10", "--num-samples", "-3"], "--num-samples must be 0 or more"),
     (["train", "--steps", "10", "--lr-decay-step", "-5"], "--lr-decay-step must be 0 or more"),
     (["train", "--steps", "10", "--lr", "nan"], "--lr must be a positive number"),
+    (["train", "--steps", "10", "--ema", "1"], "--ema must be at least 0 and below 1, got 1.0"),
     (["train", "--steps", "ten"], "invalid int value"),
     (["check", "--n-hidden", "0"], "--n-hidden must be at least 1"),
     (["bench", "--repeats", "0"], "--repeats must be at least 1"),

@@ -17,7 +17,7 @@ from .flags import add_model_flags, model_flags
 
 DEFAULT_WORKDIR = "out"
 TRAIN_FLAGS = ("steps", "batch_size", "lr", "lr_decay_step", "lr_decay_to", "seed", "optimizer",
-               "weight_decay", "warmup_steps", "lr_schedule", "dropout")
+               "weight_decay", "warmup_steps", "lr_schedule", "dropout", "ema")
 SPLIT_SEED = 42
 MAX_SAMPLES = 100_000
 
@@ -179,6 +179,10 @@ def register(sub) -> None:
     p.add_argument("--dropout", type=float, default=None,
                    help="residual dropout probability in training (transformer; recipe 0), its "
                         "masks reused by the hand-written backward")
+    p.add_argument("--ema", type=float, default=None, metavar="DECAY",
+                   help="keep an exponential moving average of the parameters, avg = DECAY avg + "
+                        "(1 - DECAY) p after each step, and evaluate, sample and save it as the "
+                        "model (recipe: 0, off; 0.999 for the transformer)")
     p.add_argument("--seed", type=int, default=None,
                    help="seed of the initialisation and of batch sampling (default 2147483647)")
     p.add_argument("--split-seed", type=int, default=None,

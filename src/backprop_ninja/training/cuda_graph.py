@@ -33,7 +33,7 @@ from typing import Callable, Sequence
 import torch
 from torch import Tensor
 
-from .optim import SGD, AdamW
+from .optim import SGD, AdamW, Averaged
 
 CHUNK = 100  # steps per chunk of batches, and per graph replay
 GOLDEN = 0x9E3779B97F4A7C15  # odd, so seed + (c + 1) * GOLDEN differs for every chunk c
@@ -152,6 +152,8 @@ def not_capturable(step) -> str | None:
     on CUDA."""
     if not hasattr(step, "forward_backward"):
         return "no fused step"
+    if isinstance(step.optimizer, Averaged):
+        return "--ema's averaging has no graph update"
     if type(step.optimizer) not in GRAPH_OPTIMIZERS:
         return f"{type(step.optimizer).__name__} has no graph update"
     if step.flat.device.type != "cuda":

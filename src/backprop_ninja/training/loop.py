@@ -31,7 +31,7 @@ from .. import models
 from ..models.base import Dropout, ModelSpec, Params, calibrate, evaluate
 from . import cuda_graph as G
 from . import workdir as W
-from .optim import OPTIMIZERS, FlatParams, OptimConfig, make_optimizer
+from .optim import OPTIMIZERS, FlatParams, OptimConfig, make_optimizer, model_params
 from .steps import make_step
 
 # steps between fetches of the loss (one device sync per fetch); on CUDA a chunk of steps, so that
@@ -64,6 +64,7 @@ class TrainConfig:
     warmup_steps: int = 0
     lr_schedule: str = "step"
     dropout: float = 0.0
+    ema: float = 0.0
 
     def lr_at(self, step: int) -> float:
         if step < self.warmup_steps:
@@ -76,7 +77,7 @@ class TrainConfig:
         return self.lr_decay_to + 0.5 * (self.lr - self.lr_decay_to) * (1 + math.cos(math.pi * progress))
 
     def optim(self) -> OptimConfig:
-        return OptimConfig(self.optimizer, self.weight_decay)
+        return OptimConfig(self.optimizer, self.weight_decay, ema=self.ema)
 
     def validate(self) -> None:
         if self.batch_size < 1:
@@ -94,6 +95,9 @@ class TrainConfig:
             raise UserError(f"--optimizer {self.optimizer} is not one of {', '.join(OPTIMIZERS)}")
         if not (math.isfinite(self.dropout) and 0 <= self.dropout < 1):
             raise UserError(f"--dropout must be at least 0 and below 1, got {self.dropout}")
+        if not (math.isfinite(self.ema) and 0 <= self.ema < 1):
+            raise UserError(f"--ema must be at least 0 and below 1, got {self.ema}: the weight of "
+                            "the old average at each step (0.999 averages over ~1000 steps; 0: off)")
         if self.lr_schedule not in SCHEDULES:
             raise UserError(f"--lr-schedule {self.lr_schedule} is not one of {', '.join(SCHEDULES)}")
 
@@ -132,6 +136,8 @@ class RunState:
     files_written: bool = False
     start_step: int = 0
     optimizer_state: dict = field(default_factory=dict)  # from the checkpoint, when resumed
+    # what the run evaluates and saves as its model: the parameters, or with --ema their average
+    model: Params | None = None
 
 
 class Diverged(UserError):
@@ -217,10 +223,10 @@ def resume_run(workdir: Path, input_path: str | None, model_type: str | None, cf
     except (KeyError, RuntimeError):
         raise UserError(f"{workdir / W.CHECKPOINT} has no valid RNG state; train again into a new "
                         "-o WORKDIR") from None
-    optimizer_state = {k: v.to(device) for k, v in tensors.items() if k.startswith(tcfg.optimizer + "_")}
     expected = set(make_optimizer(FlatParams(params), tcfg.optim()).state())
+    optimizer_state = {k: v.to(device) for k, v in tensors.items() if k in expected}
     if set(optimizer_state) != expected:
-        raise UserError(f"{workdir / W.CHECKPOINT} lacks the {tcfg.optimizer} state "
+        raise UserError(f"{workdir / W.CHECKPOINT} lacks the optimiser's state "
                         f"({', '.join(sorted(expected - set(optimizer_state)))}); train again into "
                         "a new -o WORKDIR")
     step = int(meta["step"])
@@ -278,16 +284,17 @@ def save_progress(state: RunState, unsaved: list[dict], optimizer_state: dict) -
 
 
 def save_model(state: RunState) -> tuple[float, float, int]:
-    """Calibrate batchnorm on the whole training set; save the model; return the train and val
-    losses and the number of batchnorm layers calibrated."""
+    """Calibrate batchnorm on the whole training set; save the model (with --ema, the averaged
+    parameters); return the train and val losses and the number of batchnorm layers calibrated."""
     spec, device = state.spec, next(iter(state.params.values())).device
+    params = state.model if state.model is not None else state.params
     Xtr, Ytr = (t.to(device) for t in state.data.splits["train"])
     Xva, Yva = (t.to(device) for t in state.data.splits["val"])
     with all_threads():
-        stats = calibrate(spec, state.params, Xtr)
-        W.save_model(state.workdir, state.params, stats, state.step)
-        return (evaluate(spec, state.params, Xtr, Ytr, stats),
-                evaluate(spec, state.params, Xva, Yva, stats), len(stats))
+        stats = calibrate(spec, params, Xtr)
+        W.save_model(state.workdir, params, stats, state.step)
+        return (evaluate(spec, params, Xtr, Ytr, stats),
+                evaluate(spec, params, Xva, Yva, stats), len(stats))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -416,6 +423,7 @@ def run_loop(state: RunState, opts: Options) -> str:
     if state.optimizer_state:
         stepper.optimizer.load_state(state.optimizer_state)
     state.params = stepper.params
+    state.model = model_params(stepper.optimizer)
     runner = make_runner(stepper, state, X.shape[0], device)
     if device.type == "cuda":
         opts.log(f"on {device}: {describe_runner(stepper)}")
@@ -483,7 +491,7 @@ def run_loop(state: RunState, opts: Options) -> str:
                     state.metrics[-1]["ud"] = update_to_data(state.params, stepper.grads, lr)
                 if opts.eval_every and state.step % opts.eval_every == 0:
                     flush()
-                    val = progress_val_loss(spec, state.params, X, Xva, Yva)
+                    val = progress_val_loss(spec, state.model, X, Xva, Yva)
                     state.metrics[-1]["val_loss"] = val
                     rate = (state.step - s0) / (time.perf_counter() - t0)
                     bar.write(f"step {state.step:>7}/{tcfg.steps}  loss {state.metrics[-1]['loss']:.4f}"
