@@ -294,6 +294,32 @@ def test_ema_has_no_cuda_graph_update():
     assert cuda_graph.not_capturable(step) == "--ema's averaging has no graph update"
 
 
+
+@pytest.mark.parametrize("rule", ["sgd", "adamw"])
+def test_weight_decay_skips_the_no_decay_parameters(rule):
+    """With a zero gradient a step is the decay alone: p *= 1 - lr*wd on the decayed parameters,
+    the others unchanged, bit for bit."""
+    from backprop_ninja.training.optim import FlatParams, OptimConfig, make_optimizer
+    spec, params, *_ = setup("transformer", n_layer=1, n_head=2, n_embd=8)
+    names = {k for k in params if k.rsplit(".", 1)[-1] in spec.no_decay}
+    assert names and {k.rsplit(".", 1)[-1] for k in names} == set(spec.no_decay)  # none misnamed
+    buffers = FlatParams(params)
+    before = {k: v.clone() for k, v in buffers.params.items()}
+    make_optimizer(buffers, OptimConfig(rule, 0.1, no_decay=spec.no_decay)).step(0.5)
+    for k, v in buffers.params.items():
+        if k in names:
+            assert torch.equal(v, before[k]), k
+        else:
+            torch.testing.assert_close(v, before[k] * (1 - 0.05), rtol=1e-6, atol=0, msg=k)
+    step = make_step("fast", spec, params, *training_examples(16, "sequence"), 32,
+                     OptimConfig(rule, 0.1, no_decay=spec.no_decay))
+    from backprop_ninja.training import cuda_graph
+    assert cuda_graph.not_capturable(step) == "no fused step"
+    spec, params, X, Y = setup()
+    step = make_step("fast", spec, params, X, Y, 32, OptimConfig(rule, 0.1, no_decay=("b1",)))
+    assert cuda_graph.not_capturable(step) == "weight decay on some parameters only has no graph update"
+
+
 # --- bad input -------------------------------------------------------------------------------
 
 @pytest.mark.parametrize("content,needle", [

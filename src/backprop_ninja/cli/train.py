@@ -175,7 +175,8 @@ def register(sub) -> None:
                    help="update rule, written by hand over flat buffers (recipe: sgd for the "
                         "lecture's models, adamw for makemore's)")
     p.add_argument("--weight-decay", type=float, default=None,
-                   help="decoupled weight decay, as AdamW's (recipe: 0, or makemore's 0.01)")
+                   help="decoupled weight decay, as AdamW's (recipe: 0, makemore's 0.01, the "
+                        "transformer's 0.1 on its weight matrices and embeddings only)")
     p.add_argument("--dropout", type=float, default=None,
                    help="residual dropout probability in training (transformer; recipe 0), its "
                         "masks reused by the hand-written backward")

@@ -64,6 +64,9 @@ class ModelSpec:
     tiny: dict[str, Any] = field(default_factory=dict)  # config overrides for finite differences
     bench_sizes: tuple = ((32, {}),)  # (batch, config overrides) that ``bench`` times
     attention_maps: Callable[[Any], list[Tensor]] | None = None  # cache -> per layer n x nh x T x T
+    # parameters that weight decay leaves alone, by the last part of their name (the layer
+    # norms' gains and biases, the linear biases); () decays every parameter, as makemore does
+    no_decay: tuple[str, ...] = ()
 
     def flags(self) -> tuple[str, ...]:
         """The config fields a user sets (the vocabulary comes from the data)."""

@@ -154,6 +154,8 @@ def not_capturable(step) -> str | None:
         return "no fused step"
     if isinstance(step.optimizer, Averaged):
         return "--ema's averaging has no graph update"
+    if step.optimizer.decay is not None:
+        return "weight decay on some parameters only has no graph update"
     if type(step.optimizer) not in GRAPH_OPTIMIZERS:
         return f"{type(step.optimizer).__name__} has no graph update"
     if step.flat.device.type != "cuda":

@@ -76,8 +76,8 @@ class TrainConfig:
         progress = (step - self.warmup_steps) / max(1, self.lr_decay_step - self.warmup_steps)
         return self.lr_decay_to + 0.5 * (self.lr - self.lr_decay_to) * (1 + math.cos(math.pi * progress))
 
-    def optim(self) -> OptimConfig:
-        return OptimConfig(self.optimizer, self.weight_decay, ema=self.ema)
+    def optim(self, no_decay: tuple[str, ...] = ()) -> OptimConfig:
+        return OptimConfig(self.optimizer, self.weight_decay, ema=self.ema, no_decay=no_decay)
 
     def validate(self) -> None:
         if self.batch_size < 1:
@@ -419,7 +419,8 @@ def run_loop(state: RunState, opts: Options) -> str:
     tcfg, spec, device = state.tcfg, state.spec, next(iter(state.params.values())).device
     X, Y = (t.to(device) for t in state.data.splits["train"])
     dropout = Dropout(tcfg.dropout, state.generator) if tcfg.dropout else None
-    stepper = make_step(opts.grad, spec, state.params, X, Y, tcfg.batch_size, tcfg.optim(), dropout)
+    stepper = make_step(opts.grad, spec, state.params, X, Y, tcfg.batch_size,
+                        tcfg.optim(spec.no_decay), dropout)
     if state.optimizer_state:
         stepper.optimizer.load_state(state.optimizer_state)
     state.params = stepper.params

@@ -47,6 +47,26 @@ class OptimConfig:
     beta2: float = 0.99
     eps: float = 1e-8
     ema: float = 0.0  # > 0: also keep an exponential moving average of the parameters (Averaged)
+    no_decay: tuple[str, ...] = ()  # parameters weight decay skips, by the last part of the name
+
+
+def decay_mask(buffers: FlatParams, cfg: OptimConfig) -> Tensor | None:
+    """1 where weight decay applies and 0 where it does not (``cfg.no_decay``), flat like the
+    parameters; None when it applies everywhere (or nowhere), which needs no mask."""
+    if not cfg.weight_decay or not any(name.rsplit(".", 1)[-1] in cfg.no_decay
+                                       for name in buffers.params):
+        return None
+    return torch.cat([torch.full((p.numel(),), float(name.rsplit(".", 1)[-1] not in cfg.no_decay),
+                                 dtype=p.dtype, device=p.device)
+                      for name, p in buffers.params.items()])
+
+
+def apply_decay(p: Tensor, mask: Tensor | None, lr: float, weight_decay: float) -> None:
+    """Decoupled weight decay, p *= 1 - lr*wd, on the parameters that the mask selects."""
+    if mask is None:
+        p.mul_(1.0 - lr * weight_decay)
+    else:
+        p.addcmul_(p, mask, value=-lr * weight_decay)
 
 
 class SGD:
@@ -54,10 +74,11 @@ class SGD:
 
     def __init__(self, buffers: FlatParams, cfg: OptimConfig):
         self.buffers, self.cfg = buffers, cfg
+        self.decay = decay_mask(buffers, cfg)
 
     def step(self, lr: float) -> None:
         if self.cfg.weight_decay:
-            self.buffers.flat.mul_(1.0 - lr * self.cfg.weight_decay)
+            apply_decay(self.buffers.flat, self.decay, lr, self.cfg.weight_decay)
         self.buffers.flat.add_(self.buffers.grad, alpha=-lr)
 
     def state(self) -> dict[str, Tensor]:
@@ -82,12 +103,13 @@ class AdamW:
         self.m = torch.zeros_like(buffers.flat)
         self.v = torch.zeros_like(buffers.flat)
         self.denom = torch.zeros_like(buffers.flat)
+        self.decay = decay_mask(buffers, cfg)
         self.t = 0
 
     def step(self, lr: float) -> None:
         c, p, g = self.cfg, self.buffers.flat, self.buffers.grad
         self.t += 1
-        p.mul_(1.0 - lr * c.weight_decay)
+        apply_decay(p, self.decay, lr, c.weight_decay)
         self.m.lerp_(g, 1.0 - c.beta1)
         self.v.mul_(c.beta2).addcmul_(g, g, value=1.0 - c.beta2)
         bias1 = 1.0 - c.beta1 ** self.t
