@@ -176,7 +176,7 @@ def register(sub) -> None:
                         "lecture's models, adamw for makemore's)")
     p.add_argument("--weight-decay", type=float, default=None,
                    help="decoupled weight decay, as AdamW's (recipe: 0, makemore's 0.01, the "
-                        "transformer's 0.1 on its weight matrices and embeddings only)")
+                        "transformer's 0.2 on its weight matrices and embeddings only)")
     p.add_argument("--dropout", type=float, default=None,
                    help="residual dropout probability in training (transformer; recipe 0), its "
                         "masks reused by the hand-written backward")
