@@ -13,6 +13,17 @@ from ..errors import UserError
 from ..learning.checker import TIME_LIMIT_S
 
 
+def run_plot(what: argparse._SubParsersAction, name: str, help: str, made_by: str, func
+             ) -> argparse.ArgumentParser:
+    """A `plot NAME` of a trained run: its work directory and the PNG to write there."""
+    q = what.add_parser(name, help=help)
+    q.add_argument("-o", "--workdir", required=True,
+                   help=f"the run's work directory (from {made_by})")
+    q.add_argument("--out", default=None, help=f"PNG file to write (default: WORKDIR/{name}.png)")
+    q.set_defaults(func=func)
+    return q
+
+
 def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("exercise", help="write the backward pass yourself: a starter file, "
                                         "then a check with hints",
@@ -49,21 +60,12 @@ def register(sub: argparse._SubParsersAction) -> None:
     q.add_argument("-i", "--input", default=None,
                    help="line-per-item text file (default: the bundled names.txt)")
     q.set_defaults(func=cmd_plot_dlogits)
-    q = what.add_parser("diagnostics", help="activation and gradient histograms and the "
-                                            "update-to-data ratio of a trained run")
-    q.add_argument("-o", "--workdir", required=True,
-                   help="the run's work directory (from train -o)")
-    q.add_argument("--out", default=None,
-                   help="PNG file to write (default: WORKDIR/diagnostics.png)")
-    q.set_defaults(func=cmd_plot_diagnostics)
-    q = what.add_parser("attention", help="the attention maps of a trained transformer on a few "
-                                          "validation items, a panel per layer and head")
-    q.add_argument("-o", "--workdir", required=True,
-                   help="the run's work directory (from train --type transformer -o)")
-    q.add_argument("--out", default=None,
-                   help="PNG file to write (default: WORKDIR/attention.png)")
+    run_plot(what, "diagnostics", "activation and gradient histograms and the update-to-data "
+                                  "ratio of a trained run", "train -o", cmd_plot_diagnostics)
+    q = run_plot(what, "attention", "the attention maps of a trained transformer on a few "
+                                    "validation items, a panel per layer and head",
+                 "train --type transformer -o", cmd_plot_attention)
     q.add_argument("--items", type=int, default=2, help="how many validation items (default 2)")
-    q.set_defaults(func=cmd_plot_attention)
 
 
 def cmd_exercise(args: argparse.Namespace) -> int:

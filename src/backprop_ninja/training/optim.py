@@ -53,11 +53,10 @@ class OptimConfig:
 def decay_mask(buffers: FlatParams, cfg: OptimConfig) -> Tensor | None:
     """1 where weight decay applies and 0 where it does not (``cfg.no_decay``), flat like the
     parameters; None when it applies everywhere (or nowhere), which needs no mask."""
-    if not cfg.weight_decay or not any(name.rsplit(".", 1)[-1] in cfg.no_decay
-                                       for name in buffers.params):
+    decays = {name: name.rsplit(".", 1)[-1] not in cfg.no_decay for name in buffers.params}
+    if not cfg.weight_decay or all(decays.values()):
         return None
-    return torch.cat([torch.full((p.numel(),), float(name.rsplit(".", 1)[-1] not in cfg.no_decay),
-                                 dtype=p.dtype, device=p.device)
+    return torch.cat([torch.full((p.numel(),), float(decays[name]), dtype=p.dtype, device=p.device)
                       for name, p in buffers.params.items()])
 
 
@@ -131,25 +130,25 @@ class Averaged:
     """An update rule followed by an exponential moving average of the parameters it updates
     (Polyak averaging, as in "EMA weights"): after each step
 
-        avg = d_t avg + (1 - d_t) p,     d_t = min(decay, (1 + t) / (10 + t))
+        avg = d_t avg + (1 - d_t) p,     d_t = min(ema, (1 + t) / (10 + t))
 
     for the t-th step averaged (from 0). The short warm-up of d_t lets the average forget the
-    initialisation within a few steps at the start of a run instead of over ~1/(1-decay) steps.
+    initialisation within a few steps at the start of a run instead of over ~1/(1-ema) steps.
     Training goes on from ``p``; the average is what the run evaluates, samples and saves as its
     model: it smooths out the last steps' noise, which a model that overfits (the transformer)
     pays for on held-out data. ``averaged`` views the average like the parameters. Its state
     (the average and t) goes into the checkpoint with the rule's own, so resume stays bit-exact.
     """
 
-    def __init__(self, inner, decay: float):
-        self.inner, self.decay, self.buffers = inner, decay, inner.buffers
+    def __init__(self, inner, ema: float):
+        self.inner, self.ema, self.buffers = inner, ema, inner.buffers
         self.avg = inner.buffers.flat.clone()
         self.averaged = views(self.avg, inner.buffers.params)
         self.t = 0
 
     def step(self, lr: float) -> None:
         self.inner.step(lr)
-        d = min(self.decay, (1.0 + self.t) / (10.0 + self.t))
+        d = min(self.ema, (1.0 + self.t) / (10.0 + self.t))
         self.avg.lerp_(self.buffers.flat, 1.0 - d)
         self.t += 1
 
