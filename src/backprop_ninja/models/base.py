@@ -145,10 +145,11 @@ def evaluate(spec: ModelSpec, params: Params, X: Tensor, Y: Tensor, stats: Stats
              chunk: int = 4096) -> float:
     """Mean cross-entropy over every target of (X, Y) that counts (padding does not),
     normalising with the given statistics."""
-    total, count = 0.0, 0
+    # summed on the device in float64 (the same products and order as Python floats would
+    # give), read back once: a GPU run waits for the host once per evaluation, not per chunk
+    counts = (Y != IGNORE_INDEX).reshape(Y.shape[0], -1).sum(1)   # targets that count, per row
+    total = torch.zeros((), dtype=torch.float64, device=X.device)
     for start, stop in chunks(X.shape[0], chunk):
-        xb, yb = X[start:stop], Y[start:stop]
-        n = int((yb != IGNORE_INDEX).sum())
-        total += spec.forward(params, xb, yb, stats).loss.double().item() * n
-        count += n
-    return total / count
+        loss = spec.forward(params, X[start:stop], Y[start:stop], stats).loss
+        total += loss.double() * counts[start:stop].sum()
+    return (total / counts.sum()).item()
