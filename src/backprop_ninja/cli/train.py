@@ -178,12 +178,12 @@ def register(sub) -> None:
                    help="decoupled weight decay, as AdamW's (recipe: 0, makemore's 0.01, the "
                         "transformer's 0.2 on its weight matrices and embeddings only)")
     p.add_argument("--dropout", type=float, default=None,
-                   help="residual dropout probability in training (transformer; recipe 0), its "
-                        "masks reused by the hand-written backward")
+                   help="residual dropout probability in training (transformer only; its recipe "
+                        "0.2), its masks reused by the hand-written backward")
     p.add_argument("--ema", type=float, default=None, metavar="DECAY",
                    help="keep an exponential moving average of the parameters, avg = DECAY avg + "
                         "(1 - DECAY) p after each step, and evaluate, sample and save it as the "
-                        "model (recipe: 0, off; 0.999 for the transformer)")
+                        "model (recipe: 0, off; 0.9995 for the transformer)")
     p.add_argument("--seed", type=int, default=None,
                    help="seed of the initialisation and of batch sampling (default 2147483647)")
     p.add_argument("--split-seed", type=int, default=None,
