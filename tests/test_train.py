@@ -20,6 +20,9 @@ from backprop_ninja.cli import main
 from helpers import one_line_error
 from backprop_ninja.data import Dataset, default_data_path
 from backprop_ninja.models import mlp
+from backprop_ninja.models.base import Dropout
+from backprop_ninja.training import cuda_graph
+from backprop_ninja.training.optim import Averaged, FlatParams, OptimConfig, make_optimizer
 from backprop_ninja.training.steps import AutogradStep, EagerStep, make_step, routes
 
 SMALL = ["--n-hidden", "32", "--no-progress", "--num-samples", "0"]
@@ -235,13 +238,11 @@ def test_interrupt_saves_a_resumable_checkpoint(tmp_path):
     assert not torch.equal(ckpt["W1"], a["W1"])
 
 
-
 # --- weight averaging (--ema) ---------------------------------------------------------------
 
 def test_averaged_parameters_follow_the_formula_and_leave_training_alone():
     """avg = d_t avg + (1 - d_t) p after each step, d_t = min(decay, (1 + t) / (10 + t)); the
     trained parameters are those of the same run without averaging, bit for bit."""
-    from backprop_ninja.training.optim import Averaged, OptimConfig
     spec, params, X, Y = setup()
     plain = make_step("fast", spec, params, X, Y, 32, OptimConfig("adamw", 0.01))
     avg = make_step("fast", spec, params, X, Y, 32, OptimConfig("adamw", 0.01, ema=0.9))
@@ -287,19 +288,15 @@ def test_ema_run_saves_the_average_and_resumes_bit_exact(tmp_path, capsys):
 
 
 def test_ema_has_no_cuda_graph_update():
-    from backprop_ninja.training import cuda_graph
-    from backprop_ninja.training.optim import OptimConfig
     spec, params, X, Y = setup()
     step = make_step("fast", spec, params, X, Y, 32, OptimConfig("sgd", ema=0.99))
     assert cuda_graph.not_capturable(step) == "--ema's averaging has no graph update"
-
 
 
 @pytest.mark.parametrize("rule", ["sgd", "adamw"])
 def test_weight_decay_skips_the_no_decay_parameters(rule):
     """With a zero gradient a step is the decay alone: p *= 1 - lr*wd on the decayed parameters,
     the others unchanged, bit for bit."""
-    from backprop_ninja.training.optim import FlatParams, OptimConfig, make_optimizer
     spec, params, *_ = setup("transformer", n_layer=1, n_head=2, n_embd=8)
     names = {k for k in params if k.rsplit(".", 1)[-1] in spec.no_decay}
     assert names and {k.rsplit(".", 1)[-1] for k in names} == set(spec.no_decay)  # none misnamed
@@ -313,7 +310,6 @@ def test_weight_decay_skips_the_no_decay_parameters(rule):
             torch.testing.assert_close(v, before[k] * (1 - 0.05), rtol=1e-6, atol=0, msg=k)
     step = make_step("fast", spec, params, *training_examples(16, "sequence"), 32,
                      OptimConfig(rule, 0.1, no_decay=spec.no_decay))
-    from backprop_ninja.training import cuda_graph
     assert cuda_graph.not_capturable(step) == "no fused step"
     spec, params, X, Y = setup()
     step = make_step("fast", spec, params, X, Y, 32, OptimConfig(rule, 0.1, no_decay=("b1",)))
@@ -441,8 +437,6 @@ def test_divergence_stops_and_keeps_the_last_good_checkpoint(tmp_path, capsys, b
 def test_dropout_masks_are_the_steps_own_and_autograd_agrees():
     """With the same seed, the hand-written step and autograd's draw the same masks: their
     losses agree; without the same seed, they differ (the masks matter)."""
-    from backprop_ninja.models.base import Dropout
-    from backprop_ninja.training.optim import OptimConfig
 
     spec, params, X, Y = setup("transformer", n_layer=1, n_head=2, n_embd=16, block_size=16)
     opt = OptimConfig("adamw", 0.01)
