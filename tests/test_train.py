@@ -22,7 +22,8 @@ from backprop_ninja.data import Dataset, default_data_path
 from backprop_ninja.models import mlp
 from backprop_ninja.models.base import Dropout
 from backprop_ninja.training import cuda_graph
-from backprop_ninja.training.optim import Averaged, FlatParams, OptimConfig, make_optimizer
+from backprop_ninja.training.loop import same_masks
+from backprop_ninja.training.optim import Averaged, FlatParams, OptimConfig, make_optimizer, views
 from backprop_ninja.training.steps import AutogradStep, EagerStep, make_step, routes
 
 SMALL = ["--n-hidden", "32", "--no-progress", "--num-samples", "0"]
@@ -293,6 +294,65 @@ def test_ema_has_no_cuda_graph_update():
     assert cuda_graph.not_capturable(step) == "--ema's averaging has no graph update"
 
 
+# --- sharpness-aware minimisation (--sam) -----------------------------------------------------
+
+def flatten(grads, like) -> torch.Tensor:
+    return torch.cat([grads[k].reshape(-1) for k in like])
+
+
+@pytest.mark.parametrize("name,route,dropout", [
+    ("mlp", "fast", 0.0), ("mlp", "lecture", 0.0), ("transformer", "eager", 0.0),
+    ("transformer", "eager", 0.3), ("transformer", "autograd", 0.3)])
+def test_sam_updates_with_the_gradient_taken_rho_uphill(name, route, dropout):
+    """With --sam the step's gradient is autograd's at p + rho g / |g| (g: the gradient at p,
+    drawn with the step's first masks; the second pass draws the next ones), the loss returned
+    is the one at p, and the update starts from p exactly (restored, not p + e - e)."""
+    rho, lr = 0.5, 0.1
+    tiny = {"n_layer": 1, "n_head": 2, "n_embd": 8} if name == "transformer" else {}
+    spec, params, X, Y = setup(name, torch.float64, **tiny)
+    masks = Dropout(dropout, torch.Generator().manual_seed(1)) if dropout else None
+    step = make_step(route, spec, params, X, Y, 32, OptimConfig("sgd", sam=rho), masks)
+    ix = batches(X.shape[0], 1)[0]
+    p0 = step.buffers.flat.clone()
+    twin = same_masks(masks)
+    g = flatten(autograd_param_grads(spec, step.params, X[ix], Y[ix], twin), params)
+    moved = views(p0 + rho * g / g.norm(), params)
+    g_sam = flatten(autograd_param_grads(spec, moved, X[ix], Y[ix], twin), params)
+    loss0 = spec.forward(step.params, X[ix], Y[ix], dropout=same_masks(masks)).loss
+    loss = step.step(ix, lr)
+    torch.testing.assert_close(step.buffers.grad, g_sam, rtol=1e-9, atol=1e-12)
+    assert (step.buffers.grad - g).abs().max() > 1e-3 * g.abs().max()  # it is not g itself
+    assert torch.equal(step.buffers.flat, p0.add(step.buffers.grad, alpha=-lr))
+    torch.testing.assert_close(loss, loss0, rtol=1e-12, atol=0)
+    assert make_step(route, spec, params, X, Y, 32, OptimConfig("sgd"), masks).sam is None
+
+
+def test_sam_runs_resume_bit_exact_and_refuse_what_they_cannot_do(tmp_path, capsys):
+    args = ["--optimizer", "adamw", "--lr", "3e-3", "--sam", "0.05", "--eval-every", "0",
+            "--device", "cpu"]
+    assert train(tmp_path, "straight", "--steps", "200", *args)[0] == 0
+    assert train(tmp_path, "cut", "--steps", "80", *args)[0] == 0
+    assert main(["train", "-o", str(tmp_path / "cut"), "--resume", "--steps", "200",
+                 "--no-progress", "--num-samples", "0"]) == 0
+    a, c = (load_file(str(tmp_path / d / "checkpoint.safetensors")) for d in ("straight", "cut"))
+    assert a.keys() == c.keys() and all(torch.equal(a[k], c[k]) for k in a), RUN_TO_RUN
+    assert json.loads((tmp_path / "straight" / "config.json").read_text())["train"]["sam"] == 0.05
+    assert train(tmp_path, "plain", "--steps", "200", "--optimizer", "adamw", "--lr", "3e-3",
+                 "--eval-every", "0", "--device", "cpu")[0] == 0
+    plain = load_file(str(tmp_path / "plain" / "checkpoint.safetensors"))
+    assert not torch.equal(plain["W1"], a["W1"])
+    capsys.readouterr()
+    rc = main(["train", "-o", str(tmp_path / "cut"), "--resume", "--steps", "300", "--sam", "0.1",
+               "--no-progress"])
+    one_line_error(capsys, rc, "--sam 0.1 differs from the run being resumed (0.05)")
+    rc, out = train(tmp_path, "checked", "--steps", "20", "--sam", "0.05", "--check-grads", "5")
+    one_line_error(capsys, rc, "with --sam the step keeps those of its second pass")
+    assert not (out / "checkpoint.safetensors").exists() and not (out / "config.json").exists()
+    spec, params, X, Y = setup()
+    step = make_step("fast", spec, params, X, Y, 32, OptimConfig("sgd", sam=0.05))
+    assert cuda_graph.not_capturable(step) == "--sam's second pass has no graph"
+
+
 @pytest.mark.parametrize("rule", ["sgd", "adamw"])
 def test_weight_decay_skips_the_no_decay_parameters(rule):
     """With a zero gradient a step is the decay alone: p *= 1 - lr*wd on the decayed parameters,
@@ -341,6 +401,7 @@ def test_batch_size_one(tmp_path, capsys):
     (["train", "--steps", "10", "--lr-decay-step", "-5"], "--lr-decay-step must be 0 or more"),
     (["train", "--steps", "10", "--lr", "nan"], "--lr must be a positive number"),
     (["train", "--steps", "10", "--ema", "1"], "--ema must be at least 0 and below 1, got 1.0"),
+    (["train", "--steps", "10", "--sam", "-0.05"], "--sam must be 0 (off) or more, got -0.05"),
     (["train", "--steps", "ten"], "invalid int value"),
     (["check", "--n-hidden", "0"], "--n-hidden must be at least 1"),
     (["bench", "--repeats", "0"], "--repeats must be at least 1"),

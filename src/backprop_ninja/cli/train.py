@@ -17,7 +17,7 @@ from .flags import add_model_flags, model_flags
 
 DEFAULT_WORKDIR = "out"
 TRAIN_FLAGS = ("steps", "batch_size", "lr", "lr_decay_step", "lr_decay_to", "seed", "optimizer",
-               "weight_decay", "warmup_steps", "lr_schedule", "dropout", "ema")
+               "weight_decay", "warmup_steps", "lr_schedule", "dropout", "ema", "sam")
 SPLIT_SEED = 42
 MAX_SAMPLES = 100_000
 
@@ -184,6 +184,10 @@ def register(sub) -> None:
                    help="keep an exponential moving average of the parameters, avg = DECAY avg + "
                         "(1 - DECAY) p after each step, and evaluate, sample and save it as the "
                         "model (recipe: 0, off; 0.9995 for the transformer)")
+    p.add_argument("--sam", type=float, default=None, metavar="RHO",
+                   help="sharpness-aware minimisation: each update uses the gradient taken RHO "
+                        "away from the parameters along the batch's normalised gradient, a second "
+                        "forward and backward per step (recipe: 0, off)")
     p.add_argument("--seed", type=int, default=None,
                    help="seed of the initialisation and of batch sampling (default 2147483647)")
     p.add_argument("--split-seed", type=int, default=None,

@@ -152,6 +152,8 @@ def not_capturable(step) -> str | None:
     on CUDA."""
     if not hasattr(step, "forward_backward"):
         return "no fused step"
+    if step.sam is not None:
+        return "--sam's second pass has no graph"
     if isinstance(step.optimizer, Averaged):
         return "--ema's averaging has no graph update"
     if step.optimizer.decay is not None:

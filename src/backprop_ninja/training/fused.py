@@ -18,7 +18,7 @@ from torch import Tensor
 
 from ..models.base import Params
 from ..nn.normalisation import BN_EPS, check_batch_size
-from .optim import FlatParams, OptimConfig, make_optimizer
+from .optim import FlatParams, OptimConfig, make_optimizer, sharpness_aware
 
 
 class FusedStep:
@@ -36,6 +36,7 @@ class FusedStep:
         self.buffers = FlatParams(params)
         self.flat, self.params, self.grads = self.buffers.flat, self.buffers.params, self.buffers.grads
         self.optimizer = make_optimizer(self.buffers, opt)
+        self.sam = sharpness_aware(self.buffers, opt)
         n, T = batch_size, X.shape[1]
         V, E = params["C"].shape
         self.dtype, self.device = params["C"].dtype, params["C"].device
@@ -54,6 +55,8 @@ class FusedStep:
 
     def step(self, ix: Tensor, lr: float) -> Tensor:
         loss = self.forward_backward(ix)
+        if self.sam is not None:
+            self.sam(self.forward_backward, ix)
         self.optimizer.step(lr)
         return loss
 

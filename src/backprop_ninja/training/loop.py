@@ -65,6 +65,7 @@ class TrainConfig:
     lr_schedule: str = "step"
     dropout: float = 0.0
     ema: float = 0.0
+    sam: float = 0.0
 
     def lr_at(self, step: int) -> float:
         if step < self.warmup_steps:
@@ -77,7 +78,8 @@ class TrainConfig:
         return self.lr_decay_to + 0.5 * (self.lr - self.lr_decay_to) * (1 + math.cos(math.pi * progress))
 
     def optim(self, no_decay: tuple[str, ...] = ()) -> OptimConfig:
-        return OptimConfig(self.optimizer, self.weight_decay, ema=self.ema, no_decay=no_decay)
+        return OptimConfig(self.optimizer, self.weight_decay, ema=self.ema, no_decay=no_decay,
+                           sam=self.sam)
 
     def validate(self) -> None:
         if self.batch_size < 1:
@@ -98,6 +100,9 @@ class TrainConfig:
         if not (math.isfinite(self.ema) and 0 <= self.ema < 1):
             raise UserError(f"--ema must be at least 0 and below 1, got {self.ema}: the weight of "
                             "the old average at each step (0.999 averages over ~1000 steps; 0: off)")
+        if not (math.isfinite(self.sam) and self.sam >= 0):
+            raise UserError(f"--sam must be 0 (off) or more, got {self.sam}: the distance from the "
+                            "parameters at which the step takes its gradient (e.g. 0.05)")
         if self.lr_schedule not in SCHEDULES:
             raise UserError(f"--lr-schedule {self.lr_schedule} is not one of {', '.join(SCHEDULES)}")
 
@@ -417,6 +422,10 @@ def next_stop(i: int, steps: int, periods: tuple[int, ...]) -> int:
 def run_loop(state: RunState, opts: Options) -> str:
     """Train from state.step to tcfg.steps; return 'done' or 'interrupted'. Saves as it goes."""
     tcfg, spec, device = state.tcfg, state.spec, next(iter(state.params.values())).device
+    if opts.check_grads and tcfg.sam:
+        raise UserError("--check-grads compares a step's gradients at the parameters with "
+                        "autograd's, but with --sam the step keeps those of its second pass; check "
+                        "the gradients in a run without --sam (both passes are the same code)")
     X, Y = (t.to(device) for t in state.data.splits["train"])
     dropout = Dropout(tcfg.dropout, state.generator) if tcfg.dropout else None
     stepper = make_step(opts.grad, spec, state.params, X, Y, tcfg.batch_size,

@@ -48,6 +48,7 @@ class OptimConfig:
     eps: float = 1e-8
     ema: float = 0.0  # > 0: also keep an exponential moving average of the parameters (Averaged)
     no_decay: tuple[str, ...] = ()  # parameters weight decay skips, by the last part of the name
+    sam: float = 0.0  # > 0: the update takes the gradient rho = sam away (SharpnessAware)
 
 
 def decay_mask(buffers: FlatParams, cfg: OptimConfig) -> Tensor | None:
@@ -160,6 +161,42 @@ class Averaged:
         self.inner.load_state(state)
         self.avg.copy_(state["ema_params"])
         self.t = int(state["ema_t"])
+
+
+class SharpnessAware:
+    """Sharpness-aware minimisation (SAM; Foret et al., 2021): the update rule is given the
+    gradient taken rho away from the parameters, uphill, instead of the gradient at them:
+
+        e = rho * g / |g|          g: the batch's gradient at p; |g| over every parameter at once
+        g_sam = dL(p + e)/dp       a second forward and backward, on the same batch
+        p <- rule(p, g_sam)        then the parameters go back to p before the rule moves them
+
+    To first order p + e is where the batch's loss rises most within a ball of radius rho, so
+    g_sam pushes towards parameters whose whole neighbourhood has a low loss: a flat minimum,
+    which holds up better on data it was not trained on than a sharp one. Twice the forward and
+    backward work per step; a model with dropout draws fresh masks for the second pass.
+
+    ``__call__`` takes the step's gradient function (it fills ``buffers.grad`` for a batch) after
+    it has run once at p. p is restored from a copy: p + e - e would round.
+    """
+
+    def __init__(self, buffers: FlatParams, rho: float):
+        self.buffers, self.rho = buffers, rho
+        self.saved = torch.empty_like(buffers.flat)
+        self.e = torch.empty_like(buffers.flat)
+
+    def __call__(self, gradients, ix: Tensor) -> None:
+        flat, grad = self.buffers.flat, self.buffers.grad
+        self.saved.copy_(flat)
+        # on the device, no read-back; a zero gradient gives e = 0 (the tiny term keeps it finite)
+        torch.mul(grad, self.rho / (torch.linalg.vector_norm(grad) + 1e-12), out=self.e)
+        flat.add_(self.e)
+        gradients(ix)
+        flat.copy_(self.saved)
+
+
+def sharpness_aware(buffers: FlatParams, cfg: OptimConfig) -> SharpnessAware | None:
+    return SharpnessAware(buffers, cfg.sam) if cfg.sam else None
 
 
 OPTIMIZERS = {"sgd": SGD, "adamw": AdamW}

@@ -10,7 +10,7 @@
   benchmarks only.
 
 Every step takes the batch's row indices ``ix`` into the training examples and the learning rate,
-updates its parameters (``step.params``, views into one flat buffer) with its optimiser
+fills its gradients (``gradients(ix)``, twice with ``--sam``), updates its parameters (``step.params``, views into one flat buffer) with its optimiser
 (``step.optimizer``, see ``optim``) in place, and returns the batch loss (a 0-dim tensor,
 computed before the update); ``step.grads`` then holds the batch's gradients. None but the
 autograd step builds an autograd graph.
@@ -24,7 +24,7 @@ from torch import Tensor
 from ..checking import atomic
 from ..models.base import Dropout, ModelSpec, Params
 from . import fused_mlp, fused_wavenet
-from .optim import FlatParams, OptimConfig, make_optimizer, views
+from .optim import FlatParams, OptimConfig, make_optimizer, sharpness_aware, views
 
 FUSED = {"mlp": fused_mlp.FastStep, "wavenet": fused_wavenet.FastStep}
 
@@ -38,25 +38,32 @@ class EagerStep:
         self.buffers = FlatParams(params)
         self.params, self.grads = self.buffers.params, self.buffers.grads
         self.optimizer = make_optimizer(self.buffers, opt)
+        self.sam = sharpness_aware(self.buffers, opt)
 
     def step(self, ix: Tensor, lr: float) -> Tensor:
+        loss = self.gradients(ix)
+        if self.sam is not None:
+            self.sam(self.gradients, ix)
+        self.optimizer.step(lr)
+        return loss
+
+    def gradients(self, ix: Tensor) -> Tensor:
+        """The batch's gradients into ``grads``; returns its loss."""
         result = self.spec.forward(self.params, self.X[ix], self.Y[ix], dropout=self.dropout)
         for name, grad in self.spec.backward(result.cache).items():
             self.grads[name].copy_(grad)
-        self.optimizer.step(lr)
         return result.loss
 
 
 class LectureStep(EagerStep):
     """The lecture's exercise-4 step: atomic forward, atomic backward with the Python dC loop."""
 
-    def step(self, ix: Tensor, lr: float) -> Tensor:
+    def gradients(self, ix: Tensor) -> Tensor:
         xb, yb = self.X[ix], self.Y[ix]
         t = atomic.atomic_forward(self.params, xb, yb)
         d = atomic.atomic_backward(self.params, xb, yb, t)
         for name, grad in self.grads.items():
             grad.copy_(d[name])
-        self.optimizer.step(lr)
         return t["loss"]
 
 
@@ -67,7 +74,7 @@ class AutogradStep(EagerStep):
     afresh under autograd each step, so the gradient arrives flat, where the optimiser wants it.
     """
 
-    def step(self, ix: Tensor, lr: float) -> Tensor:
+    def gradients(self, ix: Tensor) -> Tensor:
         flat = self.buffers.flat
         with torch.enable_grad():
             flat.requires_grad_(True)
@@ -76,7 +83,6 @@ class AutogradStep(EagerStep):
             (grad,) = torch.autograd.grad(loss, flat)
         flat.requires_grad_(False)
         self.buffers.grad.copy_(grad)
-        self.optimizer.step(lr)
         return loss.detach()
 
 
