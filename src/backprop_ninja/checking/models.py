@@ -19,6 +19,7 @@ import torch
 from torch import Tensor
 
 from ..models.base import Dropout, ModelSpec, Params
+from ..nn.losses import SoftTargets
 from .gradcheck import Comparison, compare, finite_difference_grads, relative_error
 
 FD_TOLERANCE = 1e-6  # relative error of the float64 finite differences
@@ -29,12 +30,14 @@ FD_ZERO = 1e-7
 
 
 def autograd_param_grads(spec: ModelSpec, params: Params, X: Tensor, Y: Tensor,
-                         dropout: Dropout | None = None) -> Params:
+                         dropout: Dropout | None = None, soft: SoftTargets | None = None) -> Params:
     """Autograd's parameter gradients of the model's loss: the reference for its backward
-    (with ``dropout``, the masks its generator draws: pass a copy of the step's generator)."""
+    (with ``dropout``, the masks its generator draws: pass a copy of the step's generator;
+    with ``soft``, the loss against a teacher's soft targets too)."""
     leaves = {k: v.detach().clone().requires_grad_(True) for k, v in params.items()}
     with torch.enable_grad():
-        spec.forward(leaves, X, Y, dropout=dropout).loss.backward()
+        spec.forward(leaves, X, Y, dropout=dropout, **({} if soft is None else {"soft": soft})
+                     ).loss.backward()
     return {k: v.grad for k, v in leaves.items()}
 
 

@@ -12,12 +12,13 @@ import torch
 from .. import models
 from ..errors import UserError
 from ..training import loop
+from ..training.distill import DEFAULT_WEIGHT as DEFAULT_DISTILL
 from ..training import workdir as W
 from .flags import add_model_flags, model_flags
 
 DEFAULT_WORKDIR = "out"
 TRAIN_FLAGS = ("steps", "batch_size", "lr", "lr_decay_step", "lr_decay_to", "seed", "optimizer",
-               "weight_decay", "warmup_steps", "lr_schedule", "dropout", "ema", "sam")
+               "weight_decay", "warmup_steps", "lr_schedule", "dropout", "ema", "sam", "distill")
 SPLIT_SEED = 42
 MAX_SAMPLES = 100_000
 
@@ -57,15 +58,18 @@ def train_locked(args: argparse.Namespace, workdir: Path) -> int:
     if args.resume:
         spec = W.model_from_config(W.read_config(workdir))[0]
         state = loop.resume_run(workdir, args.input, args.type, model_flags(args, spec),
-                                train_flags, args.split_seed, device)
+                                train_flags, args.split_seed, device, args.teacher)
     else:
         spec = models.get(args.type or models.DEFAULT)
         flags = model_flags(args, spec)
         spec.make_config(1, flags)  # a bad flag fails before the data is read
+        if args.teacher and train_flags["distill"] is None:
+            train_flags["distill"] = DEFAULT_DISTILL
         tcfg = loop.TrainConfig(**{**spec.recipe, **{k: v for k, v in train_flags.items()
                                                      if v is not None}})
         split_seed = SPLIT_SEED if args.split_seed is None else args.split_seed
-        state = loop.start_run(workdir, args.input, spec, flags, tcfg, split_seed, device)
+        state = loop.start_run(workdir, args.input, spec, flags, tcfg, split_seed, device,
+                               args.teacher)
     threads = args.num_threads or loop.auto_threads(state.tcfg.batch_size, state.params)
     torch.set_num_threads(threads)
     print(f"training a {spec.name} of {sum(p.numel() for p in state.params.values()):,} parameters "
@@ -188,6 +192,13 @@ def register(sub) -> None:
                    help="sharpness-aware minimisation: each update uses the gradient taken RHO "
                         "away from the parameters along the batch's normalised gradient, a second "
                         "forward and backward per step (recipe: 0, off)")
+    p.add_argument("--teacher", nargs="+", default=None, metavar="WORKDIR",
+                   help="distillation: trained runs on the same file and split (any sequence "
+                        "model) whose mean predictions are mixed into every target (rnn, gru, "
+                        "bow, transformer)")
+    p.add_argument("--distill", type=float, default=None, metavar="ALPHA",
+                   help="the teachers' share of each target: (1 - ALPHA) onehot(label) + ALPHA "
+                        f"teachers (default {DEFAULT_DISTILL} with --teacher)")
     p.add_argument("--seed", type=int, default=None,
                    help="seed of the initialisation and of batch sampling (default 2147483647)")
     p.add_argument("--split-seed", type=int, default=None,

@@ -56,11 +56,14 @@ class ModelSpec:
     config: type                                   # the config dataclass
     recipe: dict[str, Any]                         # training defaults: steps, lr, schedule, ...
     init: Callable[..., Params]                    # (cfg, generator) -> params
-    forward: Callable[..., Forward]                # (params, X, Y=None, stats=None, dropout=None)
+    forward: Callable[..., Forward]                # (params, X, Y=None, stats=None, dropout=None[, soft])
     backward: Callable[..., Params]                # (cache, act_grads=None) -> grads
     check_config: Callable[[Any], None] = lambda cfg: None  # UserError for a config it cannot build
     layout: str = "context"  # the data's layout (``data``): "context" or "sequence"
     dropout: bool = False    # whether its forward applies dropout (--dropout)
+    # whether its forward takes a teacher's soft targets (``soft=``, for --teacher): the models
+    # whose loss is makemore's padded cross-entropy over a sequence
+    soft_targets: bool = False
     tiny: dict[str, Any] = field(default_factory=dict)  # config overrides for finite differences
     bench_sizes: tuple = ((32, {}),)  # (batch, config overrides) that ``bench`` times
     attention_maps: Callable[[Any], list[Tensor]] | None = None  # cache -> per layer n x nh x T x T

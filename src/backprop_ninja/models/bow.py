@@ -22,7 +22,8 @@ from ..nn.activations import TanhCache, tanh_backward, tanh_forward
 from ..nn.bow import CausalAverageCache, causal_average_backward, causal_average_forward
 from ..nn.embedding import TokenPositionCache, token_position_backward, token_position_forward
 from ..nn.linear import LinearCache, linear_backward, linear_forward
-from ..nn.losses import IGNORE_INDEX, CrossEntropyCache, cross_entropy_backward, cross_entropy_forward
+from ..nn.losses import (IGNORE_INDEX, CrossEntropyCache, SoftTargets, cross_entropy_backward,
+                         cross_entropy_forward)
 from .base import Dropout, Forward, ModelSpec, Params, Stats
 from .rnn import ADAMW_RECIPE, Config, check_config, uniform
 
@@ -46,7 +47,7 @@ class Cache(NamedTuple):
 
 
 def forward(params: Params, X: Tensor, Y: Tensor | None = None, stats: Stats | None = None,
-            dropout: Dropout | None = None) -> Forward:
+            dropout: Dropout | None = None, soft: SoftTargets | None = None) -> Forward:
     x, emb_c = token_position_forward(params["wte"], params["wpe"], X)   # n x T x C
     avg, avg_c = causal_average_forward(x)
     x = x + avg
@@ -55,7 +56,7 @@ def forward(params: Params, X: Tensor, Y: Tensor | None = None, stats: Stats | N
     mlp, proj_c = linear_forward(h, params["Wproj"], params["bproj"])    # n x T x C
     x = x + mlp
     logits, head_c = linear_forward(x, params["Wout"], params["bout"])
-    loss, ce_c = cross_entropy_forward(logits, Y, IGNORE_INDEX) if Y is not None else (None, None)
+    loss, ce_c = cross_entropy_forward(logits, Y, IGNORE_INDEX, soft) if Y is not None else (None, None)
     cache = Cache(emb_c, avg_c, fc_c, tanh_c, proj_c, head_c, ce_c)
     return Forward(logits, loss, cache, {}, {"h": h})
 
@@ -79,6 +80,6 @@ def backward(cache: Cache, act_grads: dict[str, Tensor] | None = None) -> Params
 SPEC = ModelSpec(
     name="bow", summary="makemore's bag of words: a causal running average of the embeddings "
                         "and an MLP with a residual",
-    config=Config, recipe=ADAMW_RECIPE, layout="sequence", init=init, forward=forward,
-    backward=backward, check_config=check_config, tiny={"n_embd": 3, "n_embd2": 4},
+    config=Config, recipe=ADAMW_RECIPE, layout="sequence", soft_targets=True, init=init,
+    forward=forward, backward=backward, check_config=check_config, tiny={"n_embd": 3, "n_embd2": 4},
     bench_sizes=((32, {}),))

@@ -21,7 +21,8 @@ from torch import Tensor
 from ..errors import UserError
 from ..nn.embedding import EmbeddingCache, embedding_backward, embedding_forward
 from ..nn.linear import LinearCache, linear_backward, linear_forward
-from ..nn.losses import IGNORE_INDEX, CrossEntropyCache, cross_entropy_backward, cross_entropy_forward
+from ..nn.losses import (IGNORE_INDEX, CrossEntropyCache, SoftTargets, cross_entropy_backward,
+                         cross_entropy_forward)
 from ..nn.recurrent import gru_backward, gru_forward, rnn_backward, rnn_forward
 from .base import Dropout, Forward, ModelSpec, Params, Stats, require_positive
 
@@ -84,12 +85,13 @@ class Cache(NamedTuple):
 
 def make_forward(cell: Cell):
     def forward(params: Params, X: Tensor, Y: Tensor | None = None, stats: Stats | None = None,
-                dropout: Dropout | None = None) -> Forward:
+                dropout: Dropout | None = None, soft: SoftTargets | None = None) -> Forward:
         emb, emb_c = embedding_forward(params["wte"], X)                 # n x T x C
         weights = [t for w in cell.weights for t in (params[w], params["b" + w[1:]])]
         hs, cell_c = cell.forward(emb, params["start"], *weights)       # n x T x H
         logits, head_c = linear_forward(hs, params["Wout"], params["bout"])
-        loss, ce_c = cross_entropy_forward(logits, Y, IGNORE_INDEX) if Y is not None else (None, None)
+        loss, ce_c = (cross_entropy_forward(logits, Y, IGNORE_INDEX, soft) if Y is not None
+                      else (None, None))
         return Forward(logits, loss, Cache(emb_c, cell_c, head_c, ce_c), {}, {"hs": hs})
     return forward
 
@@ -113,7 +115,7 @@ def make_spec(name: str, summary: str) -> ModelSpec:
     cell = CELLS[name]
     return ModelSpec(
         name=name, summary=summary, config=Config, recipe=ADAMW_RECIPE, layout="sequence",
-        init=lambda cfg, g: init_cell(cell, cfg, g), forward=make_forward(cell),
+        soft_targets=True, init=lambda cfg, g: init_cell(cell, cfg, g), forward=make_forward(cell),
         backward=make_backward(cell), check_config=check_config,
         tiny={"n_embd": 3, "n_embd2": 4}, bench_sizes=((32, {}),))
 

@@ -24,7 +24,8 @@ from ..errors import UserError
 from ..nn.attention import check_heads
 from ..nn.embedding import TokenPositionCache, token_position_backward, token_position_forward
 from ..nn.linear import LinearCache, linear_backward, linear_forward
-from ..nn.losses import IGNORE_INDEX, CrossEntropyCache, cross_entropy_backward, cross_entropy_forward
+from ..nn.losses import (IGNORE_INDEX, CrossEntropyCache, SoftTargets, cross_entropy_backward,
+                         cross_entropy_forward)
 from ..nn.normalisation import LayerNormCache, layernorm_backward, layernorm_forward
 from ..nn.transformer import BlockCache, block_backward, block_forward
 from .base import Dropout, Forward, ModelSpec, Params, Stats, require_positive
@@ -95,7 +96,7 @@ class Cache(NamedTuple):
 
 
 def forward(params: Params, X: Tensor, Y: Tensor | None = None, stats: Stats | None = None,
-            dropout: Dropout | None = None) -> Forward:
+            dropout: Dropout | None = None, soft: SoftTargets | None = None) -> Forward:
     qkv_bias_shape = params["h0.b_qkv"].shape
     x, emb_c = token_position_forward(params["wte"], params["wpe"], X)       # n x T x C
     blocks = []
@@ -106,7 +107,7 @@ def forward(params: Params, X: Tensor, Y: Tensor | None = None, stats: Stats | N
         blocks.append(block_c)
     x, lnf_c = layernorm_forward(x, params["lnf_w"], params["lnf_b"])
     logits, head_c = linear_forward(x, params["lm_head"])                     # n x T x V
-    loss, ce_c = cross_entropy_forward(logits, Y, IGNORE_INDEX) if Y is not None else (None, None)
+    loss, ce_c = cross_entropy_forward(logits, Y, IGNORE_INDEX, soft) if Y is not None else (None, None)
     cache = Cache(emb_c, tuple(blocks), lnf_c, head_c, ce_c, qkv_bias_shape)
     return Forward(logits, loss, cache, {}, {})
 
@@ -140,7 +141,7 @@ def attention_maps(cache: Cache) -> list[Tensor]:
 SPEC = ModelSpec(
     name="transformer", summary="makemore's transformer: GPT-2 style pre-norm blocks of causal "
                                 "self-attention and a 4x GELU MLP, every backward by hand",
-    config=Config, recipe=RECIPE, layout="sequence", dropout=True, init=init,
+    config=Config, recipe=RECIPE, layout="sequence", dropout=True, soft_targets=True, init=init,
     forward=forward, backward=backward, check_config=check_config,
     tiny={"n_layer": 2, "n_head": 2, "n_embd": 8}, bench_sizes=((32, {}),),
     attention_maps=attention_maps, no_decay=NO_DECAY)

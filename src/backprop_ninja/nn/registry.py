@@ -88,6 +88,25 @@ def _padded_cross_entropy_inputs(g, n, width, dtype):
     return {"logits": _randn(g, n, 5, width, dtype=dtype, scale=2.0), "targets": targets}
 
 
+SOFT_WEIGHT = 0.3  # the teacher's share of the target in the distillation entry
+
+
+def _soft_cross_entropy_inputs(g, n, width, dtype):
+    inputs = _padded_cross_entropy_inputs(g, n, width, dtype)
+    teacher = torch.softmax(_randn(g, n, 5, width, dtype=torch.float64, scale=2.0), -1).to(dtype)
+    return {**inputs, "teacher": teacher}  # a constant: only the logits' gradient is checked
+
+
+def _soft_cross_entropy_reference(logits, targets, teacher):
+    """(1 - alpha) times the padded cross-entropy plus alpha times the cross-entropy against
+    the teacher's distribution, both averaged over the targets that count."""
+    keep = (targets != X.IGNORE_INDEX).reshape(-1)
+    logprobs = F.log_softmax(logits.reshape(-1, logits.shape[-1]), -1)[keep]
+    teacher = teacher.reshape(-1, logits.shape[-1])[keep]
+    return ((1 - SOFT_WEIGHT) * _padded_cross_entropy_reference(logits, targets)
+            - SOFT_WEIGHT * (teacher * logprobs).sum(1).mean())
+
+
 def _flatten_inputs(g, n, width, dtype):
     return {"x": _randn(g, n, 8, width, dtype=dtype)}
 
@@ -307,6 +326,11 @@ REGISTRY: dict[str, LayerSpec] = {spec.name: spec for spec in (
               lambda logits, targets: X.cross_entropy_forward(logits, targets, X.IGNORE_INDEX),
               X.cross_entropy_backward, _padded_cross_entropy_reference,
               _padded_cross_entropy_inputs, ("logits",)),
+    LayerSpec("cross_entropy_soft", "cross_entropy",
+              lambda logits, targets, teacher: X.cross_entropy_forward(
+                  logits, targets, X.IGNORE_INDEX, X.SoftTargets(teacher, SOFT_WEIGHT)),
+              X.cross_entropy_backward, _soft_cross_entropy_reference,
+              _soft_cross_entropy_inputs, ("logits",)),
     LayerSpec("flatten_consecutive", "flatten_consecutive",
               lambda x: R.flatten_consecutive_forward(x, 2), R.flatten_consecutive_backward,
               _flatten_reference, _flatten_inputs, ("x",)),

@@ -30,6 +30,7 @@ from ..errors import UserError
 from .. import models
 from ..models.base import Dropout, ModelSpec, Params, calibrate, evaluate
 from . import cuda_graph as G
+from . import distill as D
 from . import workdir as W
 from .optim import OPTIMIZERS, FlatParams, OptimConfig, make_optimizer, model_params
 from .steps import make_step
@@ -66,6 +67,7 @@ class TrainConfig:
     dropout: float = 0.0
     ema: float = 0.0
     sam: float = 0.0
+    distill: float = 0.0  # the teachers' share of each target (with --teacher; see distill)
 
     def lr_at(self, step: int) -> float:
         if step < self.warmup_steps:
@@ -100,6 +102,9 @@ class TrainConfig:
         if not (math.isfinite(self.ema) and 0 <= self.ema < 1):
             raise UserError(f"--ema must be at least 0 and below 1, got {self.ema}: the weight of "
                             "the old average at each step (0.999 averages over ~1000 steps; 0: off)")
+        if not (math.isfinite(self.distill) and 0 <= self.distill <= 1):
+            raise UserError(f"--distill must be between 0 and 1, got {self.distill}: the teachers' "
+                            "share of each target (0.5: half the label, half the teachers)")
         if not (math.isfinite(self.sam) and self.sam >= 0):
             raise UserError(f"--sam must be 0 (off) or more, got {self.sam}: the distance from the "
                             "parameters at which the step takes its gradient (e.g. 0.05)")
@@ -143,6 +148,7 @@ class RunState:
     optimizer_state: dict = field(default_factory=dict)  # from the checkpoint, when resumed
     # what the run evaluates and saves as its model: the parameters, or with --ema their average
     model: Params | None = None
+    teacher: D.Teacher | None = None  # with --teacher: its predictions on the training examples
 
 
 class Diverged(UserError):
@@ -153,7 +159,8 @@ class Diverged(UserError):
 # starting and resuming
 
 def start_run(workdir: Path, input_path: str | None, spec: ModelSpec, cfg_flags: dict,
-              tcfg: TrainConfig, split_seed: int, device: str) -> RunState:
+              tcfg: TrainConfig, split_seed: int, device: str,
+              teachers: list[str] | None = None) -> RunState:
     if (workdir / W.CHECKPOINT).exists():
         raise UserError(f"{workdir} already holds a run (at step {checkpoint_step(workdir)}); "
                         "continue it with --resume, or train into another -o WORKDIR")
@@ -165,6 +172,7 @@ def start_run(workdir: Path, input_path: str | None, spec: ModelSpec, cfg_flags:
         with_dropout = ", ".join(m.name for m in models.MODELS.values() if m.dropout)
         raise UserError(f"--dropout does not apply to --type {spec.name} (it has no dropout; "
                         f"models with dropout: {with_dropout})")
+    teachers = D.records(check_teachers(spec, tcfg, teachers or []))
     path = Path(input_path).resolve() if input_path else None
     block_size = spec.block_size(spec.make_config(1, cfg_flags))
     data = Dataset.load(path or default_data_path(), block_size=block_size, seed=split_seed,
@@ -180,7 +188,26 @@ def start_run(workdir: Path, input_path: str | None, spec: ModelSpec, cfg_flags:
     g = init_g if torch.device(device).type == "cpu" else \
         torch.Generator(device=device).manual_seed(tcfg.seed)
     config = make_config(spec, cfg, tcfg, data, path, split_seed)
-    return RunState(workdir, config, tcfg, spec, cfg, data, params, g, 0, [])
+    teacher = None
+    if teachers:
+        config["teachers"] = teachers
+        teacher = D.load(teachers, tcfg.distill, config["data"], Xtr.to(device))
+    return RunState(workdir, config, tcfg, spec, cfg, data, params, g, 0, [], teacher=teacher)
+
+
+def check_teachers(spec: ModelSpec, tcfg: TrainConfig, teachers: list[str]) -> list[str]:
+    """--teacher and --distill go together, on a model whose loss takes soft targets."""
+    if teachers and not spec.soft_targets:
+        takes = ", ".join(m.name for m in models.MODELS.values() if m.soft_targets)
+        raise UserError(f"--teacher does not apply to --type {spec.name} (models that learn from "
+                        f"a teacher: {takes})")
+    if tcfg.distill and not teachers:
+        raise UserError("--distill needs --teacher WORKDIR [WORKDIR ...]: the trained runs whose "
+                        "predictions it mixes into the targets")
+    if teachers and not tcfg.distill:
+        raise UserError("--distill 0 leaves the teachers out of every target; pass a share above 0 "
+                        "or drop --teacher")
+    return teachers
 
 
 def make_config(spec: ModelSpec, cfg, tcfg: TrainConfig, data: Dataset, path: Path | None,
@@ -193,7 +220,8 @@ def make_config(spec: ModelSpec, cfg, tcfg: TrainConfig, data: Dataset, path: Pa
 
 
 def resume_run(workdir: Path, input_path: str | None, model_type: str | None, cfg_flags: dict,
-               train_flags: dict, split_seed: int | None, device: str) -> RunState:
+               train_flags: dict, split_seed: int | None, device: str,
+               teachers: list[str] | None = None) -> RunState:
     """Load a run to continue it. Reads only: nothing in the directory changes until the
     resumed run saves its first new checkpoint."""
     config = W.read_config(workdir)
@@ -243,8 +271,15 @@ def resume_run(workdir: Path, input_path: str | None, model_type: str | None, cf
         raise UserError(f"{workdir / W.METRICS} is missing steps before the checkpoint's step "
                         f"{step}; train again into a new -o WORKDIR")
     config["train"] = asdict(tcfg)
+    recorded = config.get("teachers", [])
+    if teachers and [str(Path(t).resolve()) for t in teachers] != [r["workdir"] for r in recorded]:
+        raise UserError(f"--teacher {' '.join(teachers)} differs from the run being resumed "
+                        f"({' '.join(r['workdir'] for r in recorded) or 'none'}); drop --teacher "
+                        "to resume it, or train into a new -o WORKDIR")
+    teacher = D.load(recorded, tcfg.distill, config["data"], data.splits["train"][0].to(device)) \
+        if recorded else None
     return RunState(workdir, config, tcfg, spec, cfg, data, params, g, step, metrics,
-                    start_step=step, optimizer_state=optimizer_state)
+                    start_step=step, optimizer_state=optimizer_state, teacher=teacher)
 
 
 def train_config(config: dict, workdir: Path) -> TrainConfig:
@@ -429,7 +464,7 @@ def run_loop(state: RunState, opts: Options) -> str:
     X, Y = (t.to(device) for t in state.data.splits["train"])
     dropout = Dropout(tcfg.dropout, state.generator) if tcfg.dropout else None
     stepper = make_step(opts.grad, spec, state.params, X, Y, tcfg.batch_size,
-                        tcfg.optim(spec.no_decay), dropout)
+                        tcfg.optim(spec.no_decay), dropout, state.teacher)
     if state.optimizer_state:
         stepper.optimizer.load_state(state.optimizer_state)
     state.params = stepper.params
@@ -488,7 +523,8 @@ def run_loop(state: RunState, opts: Options) -> str:
                 if i < opts.check_grads:
                     ix = runner.indices(i)
                     reference = autograd_param_grads(spec, state.params, X[ix], Y[ix],
-                                                     same_masks(dropout))
+                                                     same_masks(dropout),
+                                                     state.teacher and state.teacher.batch(ix))
                     state.step = i + runner.advance(i, i + 1)
                     verify_grads(stepper.grads, reference, i)
                 else:

@@ -24,6 +24,7 @@ from torch import Tensor
 from ..checking import atomic
 from ..models.base import Dropout, ModelSpec, Params
 from . import fused_mlp, fused_wavenet
+from .distill import Teacher
 from .optim import FlatParams, OptimConfig, make_optimizer, sharpness_aware, views
 
 FUSED = {"mlp": fused_mlp.FastStep, "wavenet": fused_wavenet.FastStep}
@@ -33,8 +34,9 @@ class EagerStep:
     """The readable step: the model's forward and backward, then the optimiser."""
 
     def __init__(self, spec: ModelSpec, params: Params, X: Tensor, Y: Tensor, batch_size: int,
-                 opt: OptimConfig = OptimConfig(), dropout: Dropout | None = None):
-        self.spec, self.X, self.Y, self.dropout = spec, X, Y, dropout
+                 opt: OptimConfig = OptimConfig(), dropout: Dropout | None = None,
+                 teacher: Teacher | None = None):
+        self.spec, self.X, self.Y, self.dropout, self.teacher = spec, X, Y, dropout, teacher
         self.buffers = FlatParams(params)
         self.params, self.grads = self.buffers.params, self.buffers.grads
         self.optimizer = make_optimizer(self.buffers, opt)
@@ -47,9 +49,15 @@ class EagerStep:
         self.optimizer.step(lr)
         return loss
 
+    def loss_targets(self, ix: Tensor) -> dict:
+        """The forward's keyword arguments for the batch's loss beyond its labels: with a teacher,
+        its soft targets."""
+        return {} if self.teacher is None else {"soft": self.teacher.batch(ix)}
+
     def gradients(self, ix: Tensor) -> Tensor:
         """The batch's gradients into ``grads``; returns its loss."""
-        result = self.spec.forward(self.params, self.X[ix], self.Y[ix], dropout=self.dropout)
+        result = self.spec.forward(self.params, self.X[ix], self.Y[ix], dropout=self.dropout,
+                                   **self.loss_targets(ix))
         for name, grad in self.spec.backward(result.cache).items():
             self.grads[name].copy_(grad)
         return result.loss
@@ -79,7 +87,7 @@ class AutogradStep(EagerStep):
         with torch.enable_grad():
             flat.requires_grad_(True)
             loss = self.spec.forward(views(flat, self.params), self.X[ix], self.Y[ix],
-                                     dropout=self.dropout).loss
+                                     dropout=self.dropout, **self.loss_targets(ix)).loss
             (grad,) = torch.autograd.grad(loss, flat)
         flat.requires_grad_(False)
         self.buffers.grad.copy_(grad)
@@ -96,7 +104,12 @@ def routes(spec: ModelSpec) -> dict[str, type]:
 
 
 def make_step(route: str, spec: ModelSpec, params: Params, X: Tensor, Y: Tensor, batch_size: int,
-              opt: OptimConfig = OptimConfig(), dropout: Dropout | None = None):
-    """A step of the route; ``dropout`` for a model that has it (and then the fast route is its
-    eager step: the fused steps are of models without dropout)."""
-    return routes(spec)[route](spec, params, X, Y, batch_size, opt, dropout)
+              opt: OptimConfig = OptimConfig(), dropout: Dropout | None = None,
+              teacher: Teacher | None = None):
+    """A step of the route; ``dropout`` and ``teacher`` for a model that takes them (and then the
+    fast route is its eager step: the fused steps are of models with neither)."""
+    step = routes(spec)[route]
+    if teacher is None:
+        return step(spec, params, X, Y, batch_size, opt, dropout)
+    assert spec.soft_targets and issubclass(step, EagerStep), (spec.name, route)
+    return step(spec, params, X, Y, batch_size, opt, dropout, teacher)

@@ -1,6 +1,7 @@
 """A run's work directory: what training writes and what eval, sample and plot read back.
 
     config.json             model and training config, vocabulary, input file, split seed
+                            (and the teachers' directories and model hashes, with --teacher)
     model.safetensors       the parameters and the calibrated batchnorm statistics
                             (<layer>_mean, <layer>_var)
     checkpoint.safetensors  parameters, optimiser state (AdamW's moments), step and the RNG state
@@ -154,6 +155,11 @@ def config_problem(config: object) -> str | None:
     vocab = data.get("vocab")
     if not (isinstance(vocab, list) and all(isinstance(c, str) and len(c) == 1 for c in vocab)):
         return "data.vocab is not a list of characters"
+    teachers = config.get("teachers", [])
+    if not (isinstance(teachers, list) and all(
+            isinstance(t, dict) and set(t) == {"workdir", "sha256"}
+            and all(isinstance(v, str) for v in t.values()) for t in teachers)):
+        return "teachers is not a list of {workdir, sha256}"
     return None
 
 

@@ -1,0 +1,102 @@
+"""Distillation: a student trained towards its teachers' predictions as well as the labels.
+
+A teacher is a trained run on the same file and split (``--teacher WORKDIR ...``). Before the
+first step its model predicts a distribution over the next character at every position of every
+training item; with several teachers their distributions are averaged (an ensemble, usually
+better than any of its members). Each step's target is then the mixture
+
+    q = (1 - alpha) onehot(y) + alpha t        (alpha: --distill)
+
+and its loss the cross-entropy -sum_v q_v log p_v, whose gradient with respect to the logits is
+(p - q) / count: the lecture's dlogits with a softer target (``nn.losses``). The label says which
+character came; the teacher adds how likely the others were, which one item alone cannot say.
+
+The teachers' predictions are computed once, in chunks with every core, and kept for the whole
+training set (N x T x V floats: 44 MB for the names). A run records each teacher's directory and
+the SHA-256 of its model file; a resume recomputes the predictions from the same files, so it
+stays bit-exact, and refuses a teacher that has changed.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from pathlib import Path
+from typing import NamedTuple
+
+import torch
+from torch import Tensor
+
+from ..errors import UserError
+from ..nn.losses import SoftTargets
+from . import workdir as W
+
+DEFAULT_WEIGHT = 0.5  # --distill when --teacher is given alone
+MAX_BYTES = 2 << 30   # the teachers' predictions over the training set, at most
+
+
+class Teacher(NamedTuple):
+    """The teachers' mean predictions at every training position, and their share alpha of the
+    target."""
+
+    probs: Tensor   # N x T x V, rows of X's training examples
+    weight: float
+
+    def batch(self, ix: Tensor) -> SoftTargets:
+        return SoftTargets(self.probs[ix], self.weight)
+
+
+def model_sha256(workdir: Path) -> str:
+    path = workdir / W.MODEL
+    if not path.is_file():
+        raise UserError(f"--teacher {workdir} holds no trained model ({W.MODEL} is missing); "
+                        "train the teacher first, or pass another directory")
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def records(workdirs: list[str]) -> list[dict[str, str]]:
+    """config.json's "teachers": each directory, resolved, and its model file's SHA-256."""
+    out = []
+    for name in workdirs:
+        path = Path(name).resolve()
+        out.append({"workdir": str(path), "sha256": model_sha256(path)})
+    if len({r["workdir"] for r in out}) < len(out):
+        raise UserError("--teacher names the same run twice; pass each teacher once")
+    return out
+
+
+def load(teachers: list[dict[str, str]], weight: float, data: dict, X: Tensor) -> Teacher:
+    """The teachers' mean predictions on the training examples ``X`` (N x T, on the run's
+    device). ``data`` is the student's config "data" section: a teacher must have been trained
+    on the same file with the same split, or its predictions would carry the validation and
+    test items into training."""
+    from .loop import all_threads  # the loop imports this module
+
+    N, T = X.shape
+    total: Tensor | None = None
+    for record in teachers:
+        path = Path(record["workdir"])
+        if model_sha256(path) != record["sha256"]:
+            raise UserError(f"the teacher {path} has changed since this run started (its "
+                            f"{W.MODEL} differs); restore it, or train into a new -o WORKDIR")
+        run = W.load_run(path, X.device)
+        seen = run.config["data"]
+        if seen.get("sha256") != data["sha256"] or seen["split_seed"] != data["split_seed"]:
+            raise UserError(f"the teacher {path} was trained on another file or split; a teacher "
+                            "must be trained on the same -i file with the same --split-seed, or "
+                            "it would have seen the validation and test items")
+        if run.spec.layout != "sequence" or run.spec.block_size(run.cfg) != T:
+            raise UserError(f"the teacher {path} is a {run.spec.name} that does not predict every "
+                            f"position of a {T}-character block; use a sequence model (rnn, gru, "
+                            "bow, transformer) trained on the same file as the teacher")
+        V = run.cfg.vocab_size
+        if N * T * V * 4 > MAX_BYTES:
+            raise UserError(f"the teachers' predictions would take {N * T * V * 4 / 2**30:.1f} GiB "
+                            f"({N:,} items x {T} positions x {V} symbols); train without --teacher")
+        if total is None:
+            total = torch.zeros(N, T, V, dtype=torch.float32, device=X.device)
+        with torch.no_grad(), all_threads():
+            for start in range(0, N, 4096):
+                logits = run.spec.forward(run.params, X[start:start + 4096], stats=run.stats).logits
+                total[start:start + 4096] += torch.softmax(logits.float(), dim=-1)
+    assert total is not None
+    return Teacher(total.div_(len(teachers)), weight)
