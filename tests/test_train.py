@@ -44,6 +44,16 @@ def checkpoint_step(workdir: Path) -> int:
         return int(f.metadata()["step"])
 
 
+def straight_and_cut(tmp_path: Path, total: int, cut: int, *args: str) -> tuple[dict, dict]:
+    """The checkpoints of a run made straight to ``total`` steps and of one stopped at ``cut``
+    and resumed to ``total``."""
+    assert train(tmp_path, "straight", "--steps", str(total), *args)[0] == 0
+    assert train(tmp_path, "cut", "--steps", str(cut), *args)[0] == 0
+    assert main(["train", "-o", str(tmp_path / "cut"), "--resume", "--steps", str(total),
+                 "--no-progress", "--num-samples", "0"]) == 0
+    return tuple(load_file(str(tmp_path / d / "checkpoint.safetensors")) for d in ("straight", "cut"))
+
+
 @lru_cache
 def training_examples(block_size: int, layout: str = "context"):
     return Dataset.load(default_data_path(), block_size=block_size, layout=layout).splits["train"]
@@ -264,11 +274,7 @@ def test_averaged_parameters_follow_the_formula_and_leave_training_alone():
 def test_ema_run_saves_the_average_and_resumes_bit_exact(tmp_path, capsys):
     args = ["--optimizer", "adamw", "--lr", "3e-3", "--ema", "0.99", "--eval-every", "100",
             "--device", "cpu"]
-    assert train(tmp_path, "straight", "--steps", "300", *args)[0] == 0
-    assert train(tmp_path, "cut", "--steps", "120", *args)[0] == 0
-    assert main(["train", "-o", str(tmp_path / "cut"), "--resume", "--steps", "300",
-                 "--no-progress", "--num-samples", "0"]) == 0
-    a, c = (load_file(str(tmp_path / d / "checkpoint.safetensors")) for d in ("straight", "cut"))
+    a, c = straight_and_cut(tmp_path, 300, 120, *args)
     assert set(a) == set(c) and {"ema_params", "ema_t", "adamw_m"} <= set(a)
     assert all(torch.equal(a[k], c[k]) for k in a), RUN_TO_RUN
     assert int(a["ema_t"]) == 300
@@ -330,11 +336,7 @@ def test_sam_updates_with_the_gradient_taken_rho_uphill(name, route, dropout):
 def test_sam_runs_resume_bit_exact_and_refuse_what_they_cannot_do(tmp_path, capsys):
     args = ["--optimizer", "adamw", "--lr", "3e-3", "--sam", "0.05", "--eval-every", "0",
             "--device", "cpu"]
-    assert train(tmp_path, "straight", "--steps", "200", *args)[0] == 0
-    assert train(tmp_path, "cut", "--steps", "80", *args)[0] == 0
-    assert main(["train", "-o", str(tmp_path / "cut"), "--resume", "--steps", "200",
-                 "--no-progress", "--num-samples", "0"]) == 0
-    a, c = (load_file(str(tmp_path / d / "checkpoint.safetensors")) for d in ("straight", "cut"))
+    a, c = straight_and_cut(tmp_path, 200, 80, *args)
     assert a.keys() == c.keys() and all(torch.equal(a[k], c[k]) for k in a), RUN_TO_RUN
     assert json.loads((tmp_path / "straight" / "config.json").read_text())["train"]["sam"] == 0.05
     assert train(tmp_path, "plain", "--steps", "200", "--optimizer", "adamw", "--lr", "3e-3",

@@ -191,7 +191,7 @@ def register(sub) -> None:
     p.add_argument("--sam", type=float, default=None, metavar="RHO",
                    help="sharpness-aware minimisation: each update uses the gradient taken RHO "
                         "away from the parameters along the batch's normalised gradient, a second "
-                        "forward and backward per step (recipe: 0, off)")
+                        "forward and backward per step (recipe: 0, off; 0.05 for the transformer)")
     p.add_argument("--teacher", nargs="+", default=None, metavar="WORKDIR",
                    help="distillation: trained runs on the same file and split (any sequence "
                         "model) whose mean predictions are mixed into every target (rnn, gru, "

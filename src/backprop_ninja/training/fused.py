@@ -18,7 +18,7 @@ from torch import Tensor
 
 from ..models.base import Params
 from ..nn.normalisation import BN_EPS, check_batch_size
-from .optim import FlatParams, OptimConfig, make_optimizer, sharpness_aware
+from .optim import FlatParams, OptimConfig, descend, make_optimizer, sharpness_aware
 
 
 class FusedStep:
@@ -54,11 +54,7 @@ class FusedStep:
         return torch.empty(shape, dtype=dtype or self.dtype, device=self.device)
 
     def step(self, ix: Tensor, lr: float) -> Tensor:
-        loss = self.forward_backward(ix)
-        if self.sam is not None:
-            self.sam(self.forward_backward, ix)
-        self.optimizer.step(lr)
-        return loss
+        return descend(self.forward_backward, ix, lr, self.optimizer, self.sam)
 
     def embed(self, ix: Tensor) -> None:
         """The batch's rows of X and Y, and its embeddings: emb = C[xb], n*T x E."""

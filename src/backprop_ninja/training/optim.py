@@ -199,6 +199,16 @@ def sharpness_aware(buffers: FlatParams, cfg: OptimConfig) -> SharpnessAware | N
     return SharpnessAware(buffers, cfg.sam) if cfg.sam else None
 
 
+def descend(gradients, ix: Tensor, lr: float, optimizer, sam: SharpnessAware | None) -> Tensor:
+    """One training step of any route: the batch's gradients (``gradients(ix)`` fills the flat
+    gradient buffer and returns the loss), taken again uphill with --sam, then the update."""
+    loss = gradients(ix)
+    if sam is not None:
+        sam(gradients, ix)
+    optimizer.step(lr)
+    return loss
+
+
 OPTIMIZERS = {"sgd": SGD, "adamw": AdamW}
 
 

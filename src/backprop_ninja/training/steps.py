@@ -25,7 +25,7 @@ from ..checking import atomic
 from ..models.base import Dropout, ModelSpec, Params
 from . import fused_mlp, fused_wavenet
 from .distill import Teacher
-from .optim import FlatParams, OptimConfig, make_optimizer, sharpness_aware, views
+from .optim import FlatParams, OptimConfig, descend, make_optimizer, sharpness_aware, views
 
 FUSED = {"mlp": fused_mlp.FastStep, "wavenet": fused_wavenet.FastStep}
 
@@ -43,11 +43,7 @@ class EagerStep:
         self.sam = sharpness_aware(self.buffers, opt)
 
     def step(self, ix: Tensor, lr: float) -> Tensor:
-        loss = self.gradients(ix)
-        if self.sam is not None:
-            self.sam(self.gradients, ix)
-        self.optimizer.step(lr)
-        return loss
+        return descend(self.gradients, ix, lr, self.optimizer, self.sam)
 
     def loss_targets(self, ix: Tensor) -> dict:
         """The forward's keyword arguments for the batch's loss beyond its labels: with a teacher,
