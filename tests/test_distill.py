@@ -69,8 +69,10 @@ def test_the_loss_mixes_the_label_and_the_teachers():
 
 def test_a_distilled_run_checks_its_gradients_records_its_teachers_and_resumes_bit_exact(
         teachers, tmp_path, capsys):
-    args = [*TINY, "--lr", "3e-3", "--dropout", "0.1", "--teacher", *map(str, teachers)]
-    # --check-grads: autograd's gradient of the same mixed loss, with the step's masks
+    args = [*TINY, "--lr", "3e-3", "--dropout", "0.1", "--sam", "0.05", "--teacher",
+            *map(str, teachers)]
+    # --check-grads: autograd's gradients of the same mixed loss, with the step's masks, at p
+    # and at the point SAM moved to
     assert train(tmp_path / "straight", *args, "--steps", "40", "--check-grads", "40") == 0
     config = json.loads((tmp_path / "straight" / "config.json").read_text())
     assert config["train"]["distill"] == distill.DEFAULT_WEIGHT
@@ -104,6 +106,17 @@ def test_a_teacher_that_changed_is_refused_on_resume(teachers, tmp_path, capsys)
     rc = main(["train", "-o", str(tmp_path / "run"), "--resume", "--steps", "20", *QUIET])
     one_line_error(capsys, rc, "has changed since this run started")
     assert (tmp_path / "run" / "checkpoint.safetensors").read_bytes() == before
+
+
+def test_teachers_in_the_config_of_a_model_without_them_are_refused(teachers, tmp_path, capsys):
+    out = tmp_path / "mlp"
+    assert train(out, "--n-hidden", "16", "--steps", "10") == 0
+    config = json.loads((out / "config.json").read_text())
+    config["teachers"] = distill.records([str(teachers[0])])
+    (out / "config.json").write_text(json.dumps(config))
+    capsys.readouterr()
+    rc = main(["train", "-o", str(out), "--resume", "--steps", "20", *QUIET])
+    one_line_error(capsys, rc, "a mlp cannot have teachers")
 
 
 @pytest.mark.parametrize("argv,needle", [

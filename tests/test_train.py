@@ -23,7 +23,8 @@ from backprop_ninja.models import mlp
 from backprop_ninja.models.base import Dropout
 from backprop_ninja.training import cuda_graph
 from backprop_ninja.training.loop import same_masks
-from backprop_ninja.training.optim import Averaged, FlatParams, OptimConfig, make_optimizer, views
+from backprop_ninja.training.optim import (Averaged, FlatParams, OptimConfig, SharpnessAware,
+                                           make_optimizer, views)
 from backprop_ninja.training.steps import AutogradStep, EagerStep, make_step, routes
 
 SMALL = ["--n-hidden", "32", "--no-progress", "--num-samples", "0"]
@@ -333,7 +334,7 @@ def test_sam_updates_with_the_gradient_taken_rho_uphill(name, route, dropout):
     assert make_step(route, spec, params, X, Y, 32, OptimConfig("sgd"), masks).sam is None
 
 
-def test_sam_runs_resume_bit_exact_and_refuse_what_they_cannot_do(tmp_path, capsys):
+def test_sam_runs_resume_bit_exact_and_check_both_passes(tmp_path, capsys, monkeypatch):
     args = ["--optimizer", "adamw", "--lr", "3e-3", "--sam", "0.05", "--eval-every", "0",
             "--device", "cpu"]
     a, c = straight_and_cut(tmp_path, 200, 80, *args)
@@ -347,9 +348,12 @@ def test_sam_runs_resume_bit_exact_and_refuse_what_they_cannot_do(tmp_path, caps
     rc = main(["train", "-o", str(tmp_path / "cut"), "--resume", "--steps", "300", "--sam", "0.1",
                "--no-progress"])
     one_line_error(capsys, rc, "--sam 0.1 differs from the run being resumed (0.05)")
-    rc, out = train(tmp_path, "checked", "--steps", "20", "--sam", "0.05", "--check-grads", "5")
-    one_line_error(capsys, rc, "with --sam the step keeps those of its second pass")
-    assert not (out / "checkpoint.safetensors").exists() and not (out / "config.json").exists()
+    # --check-grads checks the first pass at p and the second at p + e, each against autograd
+    assert train(tmp_path, "checked", "--steps", "20", "--sam", "0.05", "--check-grads", "5")[0] == 0
+    monkeypatch.setattr(SharpnessAware, "__call__", lambda self, gradients, ix: None)  # one pass
+    rc, out = train(tmp_path, "one_pass", "--steps", "20", "--sam", "0.05", "--check-grads", "5")
+    one_line_error(capsys, rc, "gradient check failed at step 0")
+    assert not (out / "checkpoint.safetensors").exists()
     spec, params, X, Y = setup()
     step = make_step("fast", spec, params, X, Y, 32, OptimConfig("sgd", sam=0.05))
     assert cuda_graph.not_capturable(step) == "--sam's second pass has no graph"
@@ -519,3 +523,17 @@ def test_dropout_masks_are_the_steps_own_and_autograd_agrees():
             assert (got[1] - want[1]).abs().max() <= 20 * 1e-3
             got, want = got[0::2], want[0::2]
         torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5, msg=k)
+
+
+def test_a_run_from_before_sam_and_distill_resumes_with_them_at_zero(tmp_path):
+    """A config.json written before a training field existed takes the field's default, and
+    passing that default on resume is no conflict."""
+    rc, out = train(tmp_path, "old", "--steps", "20", "--checkpoint-every", "10")
+    assert rc == 0
+    config = json.loads((out / "config.json").read_text())
+    for key in ("sam", "distill"):
+        del config["train"][key]
+    (out / "config.json").write_text(json.dumps(config))
+    assert main(["train", "-o", str(out), "--resume", "--steps", "30", "--sam", "0", "--distill",
+                 "0", "--no-progress", "--num-samples", "0"]) == 0
+    assert checkpoint_step(out) == 30

@@ -32,7 +32,7 @@ from ..models.base import Dropout, ModelSpec, Params, calibrate, evaluate
 from . import cuda_graph as G
 from . import distill as D
 from . import workdir as W
-from .optim import OPTIMIZERS, FlatParams, OptimConfig, make_optimizer, model_params
+from .optim import OPTIMIZERS, FlatParams, OptimConfig, make_optimizer, model_params, views
 from .steps import make_step
 
 # steps between fetches of the loss (one device sync per fetch); on CUDA a chunk of steps, so that
@@ -229,9 +229,9 @@ def resume_run(workdir: Path, input_path: str | None, model_type: str | None, cf
         raise UserError(f"{workdir} has no checkpoint to resume; start the run without --resume")
     spec, cfg = W.model_from_config(config)
     check_same(W.model_section(spec, cfg), {"type": model_type, **cfg_flags})
-    check_same(config["train"], {k: v for k, v in train_flags.items() if k != "steps"})
+    tcfg = train_config(config, workdir)  # a field added since the run was made: its default
+    check_same(asdict(tcfg), {k: v for k, v in train_flags.items() if k != "steps"})
     check_same(config["data"], {"split_seed": split_seed})
-    tcfg = train_config(config, workdir)
     if train_flags.get("steps") is not None:
         tcfg = replace(tcfg, steps=train_flags["steps"])
     tcfg.validate()
@@ -272,6 +272,8 @@ def resume_run(workdir: Path, input_path: str | None, model_type: str | None, cf
                         f"{step}; train again into a new -o WORKDIR")
     config["train"] = asdict(tcfg)
     recorded = config.get("teachers", [])
+    if recorded and not spec.soft_targets:
+        raise W.bad_config(workdir / W.CONFIG, f"a {spec.name} cannot have teachers")
     if teachers and [str(Path(t).resolve()) for t in teachers] != [r["workdir"] for r in recorded]:
         raise UserError(f"--teacher {' '.join(teachers)} differs from the run being resumed "
                         f"({' '.join(r['workdir'] for r in recorded) or 'none'}); drop --teacher "
@@ -373,6 +375,28 @@ def update_to_data(params: Params, grads: Params, lr: float) -> dict[str, float]
     return out
 
 
+def check_step(stepper, runner, state: RunState, X: torch.Tensor, Y: torch.Tensor,
+               dropout: Dropout | None, i: int) -> None:
+    """Step i, its hand-written gradients compared with autograd's on the same batch, dropout
+    masks and targets. With --sam both passes are checked: the first at p (recorded by the
+    step), the second at the point p + e that the step moved to, with the next masks."""
+    ix = runner.indices(i)
+    masks = same_masks(dropout)
+    soft = state.teacher and state.teacher.batch(ix)
+    reference = autograd_param_grads(state.spec, state.params, X[ix], Y[ix], masks, soft)
+    sam = getattr(stepper, "sam", None)
+    if sam is not None:
+        sam.first = torch.empty_like(sam.e)
+    state.step = i + runner.advance(i, i + 1)
+    if sam is None:
+        verify_grads(stepper.grads, reference, i)
+        return
+    first, sam.first = sam.first, None
+    verify_grads(views(first, state.params), reference, i)
+    moved = views(sam.saved + sam.e, state.params)
+    verify_grads(stepper.grads, autograd_param_grads(state.spec, moved, X[ix], Y[ix], masks, soft), i)
+
+
 def verify_grads(grads: Params, reference: Params, step: int) -> None:
     for name, ref in reference.items():
         row = compare(name, grads[name], ref)
@@ -457,10 +481,6 @@ def next_stop(i: int, steps: int, periods: tuple[int, ...]) -> int:
 def run_loop(state: RunState, opts: Options) -> str:
     """Train from state.step to tcfg.steps; return 'done' or 'interrupted'. Saves as it goes."""
     tcfg, spec, device = state.tcfg, state.spec, next(iter(state.params.values())).device
-    if opts.check_grads and tcfg.sam:
-        raise UserError("--check-grads compares a step's gradients at the parameters with "
-                        "autograd's, but with --sam the step keeps those of its second pass; check "
-                        "the gradients in a run without --sam (both passes are the same code)")
     X, Y = (t.to(device) for t in state.data.splits["train"])
     dropout = Dropout(tcfg.dropout, state.generator) if tcfg.dropout else None
     stepper = make_step(opts.grad, spec, state.params, X, Y, tcfg.batch_size,
@@ -521,12 +541,7 @@ def run_loop(state: RunState, opts: Options) -> str:
             while state.step < tcfg.steps and not stop.requested:
                 i = state.step
                 if i < opts.check_grads:
-                    ix = runner.indices(i)
-                    reference = autograd_param_grads(spec, state.params, X[ix], Y[ix],
-                                                     same_masks(dropout),
-                                                     state.teacher and state.teacher.batch(ix))
-                    state.step = i + runner.advance(i, i + 1)
-                    verify_grads(stepper.grads, reference, i)
+                    check_step(stepper, runner, state, X, Y, dropout, i)
                 else:
                     state.step = i + runner.advance(i, next_stop(i, tcfg.steps, periods))
                 lr = tcfg.lr_at(state.step - 1)

@@ -177,16 +177,21 @@ class SharpnessAware:
     backward work per step; a model with dropout draws fresh masks for the second pass.
 
     ``__call__`` takes the step's gradient function (it fills ``buffers.grad`` for a batch) after
-    it has run once at p. p is restored from a copy: p + e - e would round.
+    it has run once at p. p is restored from a copy: p + e - e would round. After a step,
+    ``saved`` holds p and ``e`` the move; ``first``, when given a buffer, the first gradient
+    (what ``--check-grads`` compares).
     """
 
     def __init__(self, buffers: FlatParams, rho: float):
         self.buffers, self.rho = buffers, rho
         self.saved = torch.empty_like(buffers.flat)
         self.e = torch.empty_like(buffers.flat)
+        self.first: Tensor | None = None
 
     def __call__(self, gradients, ix: Tensor) -> None:
         flat, grad = self.buffers.flat, self.buffers.grad
+        if self.first is not None:
+            self.first.copy_(grad)
         self.saved.copy_(flat)
         # on the device, no read-back; a zero gradient gives e = 0 (the tiny term keeps it finite)
         torch.mul(grad, self.rho / (torch.linalg.vector_norm(grad) + 1e-12), out=self.e)
