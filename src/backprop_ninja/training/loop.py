@@ -384,7 +384,7 @@ def check_step(stepper, runner, state: RunState, X: torch.Tensor, Y: torch.Tenso
     masks = same_masks(dropout)
     soft = state.teacher and state.teacher.batch(ix)
     reference = autograd_param_grads(state.spec, state.params, X[ix], Y[ix], masks, soft)
-    sam = getattr(stepper, "sam", None)
+    sam = stepper.sam  # every step has one (None without --sam)
     if sam is not None:
         sam.first = torch.empty_like(sam.e)
     state.step = i + runner.advance(i, i + 1)
