@@ -26,7 +26,8 @@ from backprop_ninja.training import bench as B
 from backprop_ninja.training import cuda_graph as G
 from backprop_ninja.training import loop
 from backprop_ninja.training.fused import EmbeddingGrad
-from backprop_ninja.training.loop import TrainConfig, next_stop
+from backprop_ninja.training.config import TrainConfig
+from backprop_ninja.training.loop import next_stop
 from backprop_ninja.training.optim import OptimConfig
 from backprop_ninja.training.steps import make_step, routes
 

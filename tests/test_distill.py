@@ -12,7 +12,7 @@ from backprop_ninja.cli import main
 from backprop_ninja.data import Dataset, default_data_path
 from backprop_ninja.nn.losses import SoftTargets, cross_entropy_forward, IGNORE_INDEX
 from backprop_ninja.training import distill
-from backprop_ninja.training.workdir import load_run
+from backprop_ninja.rundir import load_run
 from helpers import one_line_error
 
 TINY = ["--type", "transformer", "--n-layer", "1", "--n-head", "2", "--n-embd", "16"]
@@ -88,10 +88,34 @@ def test_a_distilled_run_checks_its_gradients_records_its_teachers_and_resumes_b
     capsys.readouterr()
     rc = main(["train", "-o", str(tmp_path / "cut"), "--resume", "--steps", "60",
                "--teacher", str(teachers[0]), *QUIET])
-    one_line_error(capsys, rc, "--teacher", "differs from the run being resumed")
+    one_line_error(capsys, rc, "--teacher names 1 run(s) but this run was trained with 2")
+    rc = main(["train", "-o", str(tmp_path / "cut"), "--resume", "--steps", "60",
+               "--teacher", *map(str, reversed(teachers)), *QUIET])
+    one_line_error(capsys, rc, f"--teacher {teachers[1]} is not the teacher this run was trained with")
     rc = main(["train", "-o", str(tmp_path / "cut"), "--resume", "--steps", "60", "--distill",
                "0.9", *QUIET])
     one_line_error(capsys, rc, "--distill 0.9 differs from the run being resumed (0.5)")
+
+
+def test_a_moved_teacher_resumes_from_its_new_directory(teachers, tmp_path, capsys):
+    """Teachers are recognised by their model file's SHA-256, as the input file by its bytes:
+    a moved teacher is named with --teacher on resume, and the run goes on bit-exact."""
+    copy = tmp_path / "teacher"
+    copy.mkdir()
+    for name in ("config.json", "model.safetensors"):
+        (copy / name).write_bytes((teachers[1] / name).read_bytes())
+    assert train(tmp_path / "straight", *TINY, "--steps", "20", "--teacher", str(copy)) == 0
+    assert train(tmp_path / "cut", *TINY, "--steps", "10", "--teacher", str(copy)) == 0
+    moved = copy.rename(tmp_path / "moved")
+    capsys.readouterr()
+    rc = main(["train", "-o", str(tmp_path / "cut"), "--resume", "--steps", "20", *QUIET])
+    one_line_error(capsys, rc, f"the teacher {copy} is gone", "resume with --teacher")
+    assert main(["train", "-o", str(tmp_path / "cut"), "--resume", "--steps", "20",
+                 "--teacher", str(moved), *QUIET]) == 0
+    config = json.loads((tmp_path / "cut" / "config.json").read_text())
+    assert [t["workdir"] for t in config["teachers"]] == [str(moved.resolve())]
+    a, c = (load_file(str(tmp_path / d / "checkpoint.safetensors")) for d in ("straight", "cut"))
+    assert all(torch.equal(a[k], c[k]) for k in a)
 
 
 def test_a_teacher_that_changed_is_refused_on_resume(teachers, tmp_path, capsys):

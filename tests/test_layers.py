@@ -14,7 +14,7 @@ from backprop_ninja.checking.gradcheck import approx_equal
 from backprop_ninja.nn import embedding as E
 from backprop_ninja.nn import losses as X
 from backprop_ninja.nn import normalisation as N
-from backprop_ninja.nn.registry import REGISTRY, check_layer
+from backprop_ninja.checking.registry import REGISTRY, check_layer
 
 CASES = [(n, width) for n in (4, 7, 32) for width in (3, 27)]
 

@@ -12,7 +12,7 @@ from backprop_ninja.nn import attention as AT
 from backprop_ninja.nn import dropout as DR
 from backprop_ninja.nn import normalisation as N
 from backprop_ninja.nn import transformer as TF
-from backprop_ninja.nn.registry import REGISTRY, check_layer
+from backprop_ninja.checking.registry import REGISTRY, check_layer
 
 F64 = torch.float64
 SEEDS = st.integers(0, 2**31 - 1)

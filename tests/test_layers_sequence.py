@@ -9,7 +9,7 @@ from hypothesis import given, settings, strategies as st
 from backprop_ninja.nn import bow as BW
 from backprop_ninja.nn import embedding as E
 from backprop_ninja.nn import recurrent as RC
-from backprop_ninja.nn.registry import _gru_reference, _rnn_reference
+from backprop_ninja.checking.registry import _gru_reference, _rnn_reference
 from backprop_ninja.checking.gradcheck import autograd_grads
 
 F64 = torch.float64

@@ -9,7 +9,8 @@ import torch
 
 from backprop_ninja.models import mlp
 from backprop_ninja.models.base import calibrate
-from backprop_ninja.learning import plots
+from backprop_ninja.errors import UserError
+from backprop_ninja.plots import dlogits, runs
 from backprop_ninja.cli import main
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
@@ -30,7 +31,7 @@ def test_plot_dlogits_command(tmp_path, capsys):
 
 
 def test_dlogits_rows_sum_to_zero_and_pull_up_the_target(tmp_path):
-    result = plots.plot_dlogits(tmp_path / "d.png")
+    result = dlogits.plot_dlogits(tmp_path / "d.png")
     d, y = result.dlogits, result.targets
     assert d.shape == (32, 27)
     torch.testing.assert_close(d.sum(1), torch.zeros(32), atol=1e-6, rtol=0)
@@ -72,7 +73,7 @@ def test_diagnostics_of_a_fake_run(tmp_path, names):
         metrics[s]["ud"] = {k: -3.0 + 0.1 * s for k in mlp.PARAM_NAMES}
     out = tmp_path / "diag.png"
     run = fake_run(names, metrics)
-    d = plots.plot_diagnostics(run, out)
+    d = runs.plot_diagnostics(run, out)
     assert_png(out)
     assert d.activations["h"].shape == d.activations["hpreact"].shape == (32, 48)
     assert d.activation_grads["dh"].shape == (32, 48)
@@ -90,7 +91,7 @@ def test_diagnostics_of_a_fake_run(tmp_path, names):
 
 def test_diagnostics_without_update_records(tmp_path, names):
     out = tmp_path / "diag.png"
-    d = plots.plot_diagnostics(fake_run(names, [{"step": 0, "loss": 3.3, "lr": 0.1}]), out)
+    d = runs.plot_diagnostics(fake_run(names, [{"step": 0, "loss": 3.3, "lr": 0.1}]), out)
     assert d.ud == {} and out.exists()
     assert_png(out)
 
@@ -103,7 +104,7 @@ def test_diagnostics_of_a_real_short_run(tmp_path, capsys):
     assert main(["plot", "diagnostics", "-o", str(workdir)]) == 0
     assert f"wrote {workdir / 'diagnostics.png'}" in capsys.readouterr().out
     assert_png(workdir / "diagnostics.png")
-    d = plots.diagnose_run(plots.load_run_for_plot(workdir))
+    d = runs.diagnose_run(runs.load_run_for_plot(workdir))
     assert len(d.ud["W1"]) >= 5 and all(-6 < v < 0 for _, v in d.ud["W1"])
 
 
@@ -136,8 +137,8 @@ def test_plot_attention_command(tiny_transformer, tmp_path, capsys):
 
 
 def test_attention_maps_of_a_trained_transformer(tiny_transformer, tmp_path):
-    run = plots.load_run_for_plot(tiny_transformer)
-    maps = plots.plot_attention(run, tmp_path / "att.png", items=2)
+    run = runs.load_run_for_plot(tiny_transformer)
+    maps = runs.plot_attention(run, tmp_path / "att.png", items=2)
     assert_png(tmp_path / "att.png")
     assert len(maps) == 2 and maps[0].shape == (2, 2, 16, 16)
     for att in maps:  # each row a distribution over the positions up to it, nothing after
@@ -152,7 +153,7 @@ def test_diagnostics_of_every_type(name, tmp_path):
              "transformer": ["--n-layer", "1", "--n-head", "2", "--n-embd", "8"]}[name]
     assert main(["train", "--type", name, *small, "-o", str(out), "--steps", "30", "--no-progress",
                  "--num-samples", "0", "--eval-every", "0", "--diag-every", "10"]) == 0
-    d = plots.plot_diagnostics(plots.load_run_for_plot(out), tmp_path / "d.png")
+    d = runs.plot_diagnostics(runs.load_run_for_plot(out), tmp_path / "d.png")
     assert_png(tmp_path / "d.png")
     assert set(d.param_grads) == set(d.params) and set(d.ud) == set(d.params)
     for k, act in d.activations.items():
@@ -163,5 +164,5 @@ def test_attention_of_a_model_without_it_is_one_line(tmp_path, capsys):
     out = tmp_path / "run"
     assert main(["train", "--type", "bigram", "-o", str(out), "--steps", "5", "--no-progress",
                  "--num-samples", "0", "--eval-every", "0"]) == 0
-    with pytest.raises(plots.UserError, match="needs a model with attention .transformer.; the run is a bigram"):
-        plots.plot_attention(plots.load_run_for_plot(out), tmp_path / "a.png")
+    with pytest.raises(UserError, match="needs a model with attention .transformer.; the run is a bigram"):
+        runs.plot_attention(runs.load_run_for_plot(out), tmp_path / "a.png")

@@ -10,8 +10,8 @@ from pathlib import Path
 
 import pytest
 
-from backprop_ninja.training import fused_mlp as S
-from backprop_ninja.training import workdir as W
+from backprop_ninja.training import fused_mlp
+from backprop_ninja import rundir
 from backprop_ninja.cli import main
 from helpers import one_line_error
 
@@ -42,7 +42,7 @@ def resume(out: Path, *args: str) -> int:
 def test_a_second_train_is_refused_while_eval_and_sample_work(run, capsys):
     _, out = run
     before = snapshot(out)
-    with W.locked(out):
+    with rundir.locked(out):
         one_line_error(capsys, resume(out, "--steps", "80"), "in use by a running train",
                        f"pid {os.getpid()}")
         one_line_error(capsys, main(["train", "-o", str(out), "--steps", "80", *SMALL]),
@@ -74,7 +74,7 @@ def test_two_concurrent_runs_one_refused_and_a_killed_run_leaves_no_lock(tmp_pat
 
 def read_lock(out: Path) -> str:
     try:
-        return (out / W.LOCK).read_text()
+        return (out / rundir.LOCK).read_text()
     except FileNotFoundError:
         return ""
 
@@ -88,8 +88,8 @@ def test_resume_that_fails_before_adding_a_step_changes_no_file(run, capsys, mon
     assert resume(out, "--steps", "40") == 0  # nothing to add: the run is already there
     assert snapshot(out) == before
     # a first resumed step that diverges: the files stay those of the last good checkpoint
-    nan_step = S.FastStep.step
-    monkeypatch.setattr(S.FastStep, "step", lambda self, ix, lr: nan_step(self, ix, lr) * float("nan"))
+    nan_step = fused_mlp.FastStep.step
+    monkeypatch.setattr(fused_mlp.FastStep, "step", lambda self, ix, lr: nan_step(self, ix, lr) * float("nan"))
     one_line_error(capsys, resume(out, "--steps", "80"), "the loss became nan at step 40",
                    "checkpoint at step 40 is kept")
     assert snapshot(out) == before
@@ -163,9 +163,9 @@ def test_a_bug_while_reading_a_checkpoint_is_not_called_corruption(run, monkeypa
     def buggy(*args, **kwargs):
         raise TypeError("a bug in the code")
 
-    monkeypatch.setattr(W, "safe_open", buggy)
+    monkeypatch.setattr(rundir, "safe_open", buggy)
     with pytest.raises(TypeError, match="a bug in the code"):
-        W.checkpoint_meta(out)
+        rundir.checkpoint_meta(out)
 
 
 def test_training_leaves_the_matplotlib_backend_alone(tmp_path):

@@ -2,7 +2,7 @@
 
 1. autograd: a row per parameter, in float32, on a batch of the real data: autograd runs
    through the model's own forward (the layers' forwards are themselves checked against
-   independent references in ``nn.registry``).
+   independent references in ``checking.registry``).
 2. float64 central differences of the loss, on a tiny instance of the same model (every
    parameter element nudged both ways), as a relative error per parameter.
 

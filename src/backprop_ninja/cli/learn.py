@@ -125,30 +125,30 @@ def init_exercise(number: int, path: Path, solution: bool, force: bool) -> int:
 
 
 def cmd_plot_dlogits(args: argparse.Namespace) -> int:
-    from ..learning import plots
+    from ..plots import dlogits
 
-    out = plots.plot_dlogits(args.out, args.input).path
+    out = dlogits.plot_dlogits(args.out, args.input).path
     print(f"wrote {out}")
     return 0
 
 
 def cmd_plot_diagnostics(args: argparse.Namespace) -> int:
-    from ..learning import plots
+    from ..plots import runs
 
     workdir = Path(args.workdir)
     out = Path(args.out) if args.out else workdir / "diagnostics.png"
-    plots.plot_diagnostics(plots.load_run_for_plot(workdir), out)
+    runs.plot_diagnostics(runs.load_run_for_plot(workdir), out)
     print(f"wrote {out}")
     return 0
 
 
 def cmd_plot_attention(args: argparse.Namespace) -> int:
-    from ..learning import plots
+    from ..plots import runs
 
     if not 1 <= args.items <= 16:
         raise UserError(f"--items must be between 1 and 16, got {args.items}")
     workdir = Path(args.workdir)
     out = Path(args.out) if args.out else workdir / "attention.png"
-    plots.plot_attention(plots.load_run_for_plot(workdir), out, items=args.items)
+    runs.plot_attention(runs.load_run_for_plot(workdir), out, items=args.items)
     print(f"wrote {out}")
     return 0

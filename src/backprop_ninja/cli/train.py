@@ -11,9 +11,11 @@ import torch
 
 from .. import models
 from ..errors import UserError
-from ..training import loop
+from .. import rundir
+from ..training import loop, threads
+from ..training.run import resume_run, start_run
+from ..training.config import new_config
 from ..training.distill import DEFAULT_WEIGHT as DEFAULT_DISTILL
-from ..training import workdir as W
 from .flags import add_model_flags, model_flags
 
 DEFAULT_WORKDIR = "out"
@@ -47,35 +49,33 @@ def cmd_train(args: argparse.Namespace) -> int:
     workdir = Path(args.out_dir)
     if workdir.exists() and not workdir.is_dir():
         raise UserError(f"-o {workdir} is a file, not a directory; pass a directory for the run")
-    with W.locked(workdir):
+    with rundir.locked(workdir):
         return train_locked(args, workdir)
 
 
 def train_locked(args: argparse.Namespace, workdir: Path) -> int:
     # a resumed run stays on the device its checkpoint (and its RNG state) was made on
-    device = resolve_device(args.device or (W.checkpoint_device(workdir) if args.resume else None))
+    device = resolve_device(args.device or (rundir.checkpoint_device(workdir) if args.resume else None))
     train_flags = {k: getattr(args, k) for k in TRAIN_FLAGS}
     if args.resume:
-        spec = W.model_from_config(W.read_config(workdir))[0]
-        state = loop.resume_run(workdir, args.input, args.type, model_flags(args, spec),
+        spec = rundir.model_from_config(rundir.read_config(workdir))[0]
+        state = resume_run(workdir, args.input, args.type, model_flags(args, spec),
                                 train_flags, args.split_seed, device, args.teacher)
     else:
         spec = models.get(args.type or models.DEFAULT)
         flags = model_flags(args, spec)
         spec.make_config(1, flags)  # a bad flag fails before the data is read
-        if args.teacher and train_flags["distill"] is None:
-            train_flags["distill"] = DEFAULT_DISTILL
-        tcfg = loop.TrainConfig(**{**spec.recipe, **{k: v for k, v in train_flags.items()
-                                                     if v is not None}})
+        tcfg = new_config(spec.recipe, train_flags, teachers=bool(args.teacher))
         split_seed = SPLIT_SEED if args.split_seed is None else args.split_seed
-        state = loop.start_run(workdir, args.input, spec, flags, tcfg, split_seed, device,
+        state = start_run(workdir, args.input, spec, flags, tcfg, split_seed, device,
                                args.teacher)
-    threads = args.num_threads or loop.auto_threads(state.tcfg.batch_size, state.params)
-    torch.set_num_threads(threads)
+    threads.set_budget(args.num_threads)
+    step_threads = args.num_threads or threads.auto_threads(state.tcfg.batch_size, state.params)
+    torch.set_num_threads(step_threads)
     print(f"training a {spec.name} of {sum(p.numel() for p in state.params.values()):,} parameters "
           f"on {len(state.data.items):,} items ({state.data.vocab.size} symbols) from step "
           f"{state.step} to {state.tcfg.steps}; gradients: {args.grad}; {device}, "
-          f"{threads} thread(s); writing to {workdir}")
+          f"{step_threads} thread(s); writing to {workdir}")
     opts = loop.Options(grad=args.grad, eval_every=args.eval_every,
                         checkpoint_every=args.checkpoint_every, diag_every=args.diag_every,
                         check_grads=args.check_grads, progress=not args.no_progress)
@@ -92,7 +92,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
     from ..models.base import evaluate
 
     device = resolve_device(args.device)
-    run = W.load_run(args.out_dir, device)
+    run = rundir.load_run(args.out_dir, device)
     result = {}
     for split in ("train", "val", "test"):
         X, Y = (t.to(device) for t in run.data.splits[split])
@@ -117,7 +117,7 @@ def print_samples(workdir: Path, num: int, seed: int | None, temperature: float,
     if not 1 <= num <= MAX_SAMPLES:
         raise UserError(f"-n must be between 1 and {MAX_SAMPLES:,}, got {num}; "
                         "run sample again for more")
-    run = W.load_run(workdir, device)
+    run = rundir.load_run(workdir, device)
     items = run.data.items
     g = torch.Generator(device=device)
     g.manual_seed(seed) if seed is not None else g.seed()
@@ -134,17 +134,17 @@ def print_samples(workdir: Path, num: int, seed: int | None, temperature: float,
 
 
 def cmd_bench(args: argparse.Namespace) -> int:
-    from ..training import bench as B
+    from ..training import bench
 
     if args.repeats < 1:
         raise UserError(f"--repeats must be at least 1, got {args.repeats}")
     spec = models.get(args.type)
     device = resolve_device(args.device)
     sizes = spec.bench_sizes[:1] if args.quick else None
-    rows = B.bench(spec, device, sizes=sizes, repeats=args.repeats, memory=not args.no_memory,
+    rows = bench.bench(spec, device, sizes=sizes, repeats=args.repeats, memory=not args.no_memory,
                    compile=args.compile, log=(lambda s: None) if args.json else print)
     if args.json:
-        print(B.rows_to_json(rows))
+        print(bench.rows_to_json(rows))
     return 0
 
 

@@ -32,7 +32,7 @@ import torch
 from .. import models
 from ..models.base import ModelSpec, loss_and_grads
 from .cuda_graph import CHUNK, FixedBatches, GraphRunner, not_capturable
-from .loop import auto_threads
+from .threads import auto_threads
 from .steps import make_step, routes
 
 VOCAB = 27  # the problems are shaped like names.txt

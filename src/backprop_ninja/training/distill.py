@@ -28,7 +28,8 @@ from torch import Tensor
 
 from ..errors import UserError
 from ..nn.losses import SoftTargets
-from . import workdir as W
+from .. import rundir
+from .threads import all_threads
 
 DEFAULT_WEIGHT = 0.5  # --distill when --teacher is given alone
 MAX_BYTES = 2 << 30   # the teachers' predictions over the training set, at most
@@ -45,11 +46,11 @@ class Teacher(NamedTuple):
         return SoftTargets(self.probs[ix], self.weight)
 
 
-def model_sha256(workdir: Path) -> str:
-    path = workdir / W.MODEL
+def model_sha256(workdir: Path, missing: str | None = None) -> str:
+    path = workdir / rundir.MODEL
     if not path.is_file():
-        raise UserError(f"--teacher {workdir} holds no trained model ({W.MODEL} is missing); "
-                        "train the teacher first, or pass another directory")
+        raise UserError(missing or f"--teacher {workdir} holds no trained model ({rundir.MODEL} is "
+                                   "missing); train the teacher first, or pass another directory")
     return hashlib.sha256(path.read_bytes()).hexdigest()
 
 
@@ -64,21 +65,40 @@ def records(workdirs: list[str]) -> list[dict[str, str]]:
     return out
 
 
+def relocate(recorded: list[dict[str, str]], given: list[str]) -> list[dict[str, str]]:
+    """The recorded teachers found in the directories given on resume: a teacher that moved is
+    the same teacher if its model file has the recorded SHA-256 (as a moved input file is the
+    same file if its bytes are). In the recorded order."""
+    if len(given) != len(recorded):
+        raise UserError(f"--teacher names {len(given)} run(s) but this run was trained with "
+                        f"{len(recorded)} teacher(s) ({' '.join(r['workdir'] for r in recorded) or 'none'}); "
+                        "pass the same teachers in the same order, or drop --teacher")
+    out = []
+    for record, name in zip(recorded, given):
+        path = Path(name).resolve()
+        if model_sha256(path) != record["sha256"]:
+            raise UserError(f"--teacher {name} is not the teacher this run was trained with "
+                            f"({record['workdir']}): its {rundir.MODEL} differs; pass the same "
+                            "teachers in the same order, or drop --teacher to resume it")
+        out.append({"workdir": str(path), "sha256": record["sha256"]})
+    return out
+
+
 def load(teachers: list[dict[str, str]], weight: float, data: dict, X: Tensor) -> Teacher:
     """The teachers' mean predictions on the training examples ``X`` (N x T, on the run's
     device). ``data`` is the student's config "data" section: a teacher must have been trained
     on the same file with the same split, or its predictions would carry the validation and
     test items into training."""
-    from .loop import all_threads  # the loop imports this module
-
     N, T = X.shape
     total: Tensor | None = None
     for record in teachers:
         path = Path(record["workdir"])
-        if model_sha256(path) != record["sha256"]:
+        moved = (f"the teacher {path} is gone ({rundir.MODEL} is missing); if it moved, resume "
+                 "with --teacher and the teachers' new directories, in the same order")
+        if model_sha256(path, moved) != record["sha256"]:
             raise UserError(f"the teacher {path} has changed since this run started (its "
-                            f"{W.MODEL} differs); restore it, or train into a new -o WORKDIR")
-        run = W.load_run(path, X.device)
+                            f"{rundir.MODEL} differs); restore it, or train into a new -o WORKDIR")
+        run = rundir.load_run(path, X.device)
         seen = run.config["data"]
         if seen.get("sha256") != data["sha256"] or seen["split_seed"] != data["split_seed"]:
             raise UserError(f"the teacher {path} was trained on another file or split; a teacher "

@@ -29,16 +29,14 @@ from pathlib import Path
 from typing import Iterator
 
 import torch
-from matplotlib.backends.backend_agg import FigureCanvasAgg
-from matplotlib.figure import Figure
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 
-from .. import models
-from ..data import Dataset, Vocab, default_data_path
-from ..errors import UserError
-from ..models.base import ModelSpec, Params, Stats
-from ..nn.normalisation import BatchNormStats
+from . import models
+from .data import Dataset, Vocab, default_data_path
+from .errors import UserError
+from .models.base import ModelSpec, Params, Stats
+from .nn.normalisation import BatchNormStats
 
 FORMAT = "backprop-ninja/1"
 CONFIG, MODEL, CHECKPOINT, METRICS, LOSS_PLOT, LOCK = (
@@ -335,31 +333,3 @@ def write_metrics(workdir: Path, rows: list[dict]) -> None:
 def append_metrics(workdir: Path, rows: list[dict]) -> None:
     with open(workdir / METRICS, "a", encoding="utf-8") as f:
         f.write("".join(json.dumps(r) + "\n" for r in rows))
-
-
-def write_loss_plot(path: Path, metrics: list[dict], title: str) -> None:
-    """log10 of the training loss averaged over blocks of 1000 steps (fewer for short runs),
-    and the val loss where it was measured: a gap that opens between them is overfitting."""
-    if not metrics:
-        return
-    losses = [r["loss"] for r in metrics]
-    block = 1000 if len(losses) >= 2000 else max(1, len(losses) // 20)
-    t = torch.tensor(losses[: len(losses) // block * block], dtype=torch.float64).log10()
-    curve = t.view(-1, block).mean(1)
-    fig = Figure(figsize=(8, 4.5))
-    FigureCanvasAgg(fig)
-    ax = fig.add_subplot()
-    ax.plot((torch.arange(len(curve)) * block + block / 2).tolist(), curve.tolist(),
-            label=f"train (mean over {block} steps)")
-    val = [(r["step"] + 1, r["val_loss"]) for r in metrics if "val_loss" in r]
-    if val:
-        steps, values = zip(*val)
-        ax.plot(steps, torch.tensor(values, dtype=torch.float64).log10().tolist(), "o-",
-                label="val (batchnorm calibrated on the training set)")
-    ax.set_xlabel("step")
-    ax.set_ylabel("log10 loss")
-    ax.set_title(title)
-    ax.grid(alpha=0.3)
-    ax.legend()
-    fig.tight_layout()
-    atomic_write(path, lambda tmp: fig.savefig(tmp, format="png", dpi=100))

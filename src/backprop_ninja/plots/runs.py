@@ -1,7 +1,5 @@
-"""Pictures for the learner: the dlogits of a batch, and a trained run's diagnostics.
-
-Figures are drawn on matplotlib's Agg canvas directly (no pyplot), so nothing global changes and
-no display is needed.
+"""Pictures of a trained run: its diagnostics (the batchnorm lecture's histograms and the
+update-to-data ratios over training) and a transformer's attention maps.
 
 Dimension letters: n batch, H hidden width, V vocab size.
 """
@@ -15,69 +13,17 @@ from typing import Protocol
 
 import numpy as np
 import torch
-from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 from torch import Tensor
 
-from ..checking import atomic
-from ..data import BOUNDARY, Dataset, Vocab, default_data_path
+from ..data import BOUNDARY, Dataset
 from ..errors import UserError
 from .. import models
-from ..models import mlp
 from ..models.base import ModelSpec, Params, Stats
+from ..rundir import load_run
+from .figure import save
 
 SATURATED = 0.97  # |tanh| above this passes almost no gradient back (the lecture's threshold)
-
-
-def save(fig: Figure, out: str | Path) -> Path:
-    out = Path(out)
-    try:
-        out.parent.mkdir(parents=True, exist_ok=True)
-        FigureCanvasAgg(fig)
-        fig.savefig(out, format="png", dpi=100)
-    except OSError as e:
-        raise UserError(f"cannot write {out}: {e.strerror or e}") from None
-    return out
-
-
-# ---------------------------------------------------------------------------------------------
-# dlogits
-
-@dataclass
-class DlogitsPlot:
-    path: Path
-    dlogits: Tensor  # n x V, what the image shows
-    targets: Tensor  # n, the correct class of each row
-
-
-def check_batch_dlogits(data_path: str | Path | None = None) -> tuple[Tensor, Tensor, Vocab]:
-    """dlogits of the lecture's check batch at initialisation (exercise 2's answer)."""
-    path = data_path or default_data_path()
-    setup = atomic.lecture_check_setup(path)
-    with torch.no_grad():
-        logits = mlp.forward(setup.params, setup.Xb).logits
-    return atomic.fused_dlogits(logits, setup.Yb), setup.Yb, setup.vocab
-
-
-def plot_dlogits(out: str | Path, data_path: str | Path | None = None) -> DlogitsPlot:
-    dlogits, Yb, vocab = check_batch_dlogits(data_path)
-    n, V = dlogits.shape
-    fig = Figure(figsize=(10, 9))
-    ax = fig.add_subplot()
-    image = ax.imshow(dlogits.numpy(), cmap="gray", aspect="auto")
-    ax.scatter(Yb.numpy(), np.arange(n), s=60, facecolors="none", edgecolors="tab:red",
-               label="correct next character: pulled up by (1 - p)/n (dark)")
-    ax.set_xticks(range(V), [BOUNDARY, *vocab.chars])
-    ax.set_xlabel("next character (logit)")
-    ax.set_ylabel(f"example of the check batch (n = {n})")
-    ax.set_title("dlogits = (softmax(logits) - onehot(y)) / n, at initialisation\n"
-                 "every wrong class is pushed down by p/n (light), the correct one pulled up "
-                 "(dark):\neach row sums to 0 "
-                 f"(largest |row sum| here: {dlogits.sum(1).abs().max().item():.1e})", fontsize=10)
-    ax.legend(loc="upper center", bbox_to_anchor=(0.5, -0.08), fontsize=9, frameon=False)
-    fig.colorbar(image, ax=ax, label="dloss / dlogit")
-    fig.tight_layout()
-    return DlogitsPlot(save(fig, out), dlogits, Yb)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -95,8 +41,6 @@ class RunLike(Protocol):
 
 
 def load_run_for_plot(workdir: str | Path) -> RunLike:
-    from ..training.workdir import load_run
-
     workdir = Path(workdir)
     if not workdir.is_dir():
         raise UserError(f"{workdir} is not a run's work directory; train one with "

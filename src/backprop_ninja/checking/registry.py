@@ -17,13 +17,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from ..checking.gradcheck import autograd_grads, finite_difference_grads, relative_error
-from . import activations as A
-from . import embedding as E
-from . import linear as L
-from . import losses as X
-from . import normalisation as N
-from . import reshape as R
+from ..nn import (activations, attention, bow, dropout, embedding, linear, losses, normalisation,
+                 recurrent, reshape, transformer)
+from .gradcheck import autograd_grads, finite_difference_grads, relative_error
 
 InputMaker = Callable[[torch.Generator, int, int, torch.dtype], dict[str, Tensor]]
 
@@ -84,7 +80,7 @@ def _padded_cross_entropy_inputs(g, n, width, dtype):
     # n sequences of 5 positions, the last ones padded as makemore pads (and never all of them)
     targets = torch.randint(0, width, (n, 5), generator=g)
     lengths = torch.randint(1, 6, (n,), generator=g)
-    targets[torch.arange(5).view(1, 5) >= lengths.view(n, 1)] = X.IGNORE_INDEX
+    targets[torch.arange(5).view(1, 5) >= lengths.view(n, 1)] = losses.IGNORE_INDEX
     return {"logits": _randn(g, n, 5, width, dtype=dtype, scale=2.0), "targets": targets}
 
 
@@ -100,7 +96,7 @@ def _soft_cross_entropy_inputs(g, n, width, dtype):
 def _soft_cross_entropy_reference(logits, targets, teacher):
     """(1 - alpha) times the padded cross-entropy plus alpha times the cross-entropy against
     the teacher's distribution, both averaged over the targets that count."""
-    keep = (targets != X.IGNORE_INDEX).reshape(-1)
+    keep = (targets != losses.IGNORE_INDEX).reshape(-1)
     logprobs = F.log_softmax(logits.reshape(-1, logits.shape[-1]), -1)[keep]
     teacher = teacher.reshape(-1, logits.shape[-1])[keep]
     return ((1 - SOFT_WEIGHT) * _padded_cross_entropy_reference(logits, targets)
@@ -109,13 +105,6 @@ def _soft_cross_entropy_reference(logits, targets, teacher):
 
 def _flatten_inputs(g, n, width, dtype):
     return {"x": _randn(g, n, 8, width, dtype=dtype)}
-
-
-# The normalisation-and-attention modules are imported here, beside their anchor, so that the two
-# part-2 edits of this file never touch the same lines.
-from . import attention as AT  # noqa: E402
-from . import dropout as DR  # noqa: E402
-from . import transformer as TF  # noqa: E402
 
 
 def _layernorm_inputs(g, n, width, dtype):
@@ -166,19 +155,19 @@ def _attention_reference(n_head):
     return reference
 
 
-def _block_reference(n_head, dropout=0.0):
-    attention = _attention_reference(n_head)
+def _block_reference(n_head, p_drop=0.0):
+    attend = _attention_reference(n_head)
 
     def reference(x, ln1_w, ln1_b, w_qkv, b_qkv, w_proj, b_proj, ln2_w, ln2_b,
                   w_fc, b_fc, w_fc2, b_fc2):
         # dropout's masks as the layer documents them: uniform float32 u >= p, the attention
         # branch's drawn first, from a generator seeded as the entry's forward seeds its own
         g = torch.Generator().manual_seed(DROPOUT_SEED)
-        drop = lambda t: t * (torch.rand(t.shape, generator=g) >= dropout) / (1 - dropout)  # noqa: E731
+        drop = lambda t: t * (torch.rand(t.shape, generator=g) >= p_drop) / (1 - p_drop)  # noqa: E731
         C = x.shape[-1]
-        h = F.layer_norm(x, (C,), ln1_w, ln1_b, N.LN_EPS)
-        x = x + drop(attention(h, w_qkv, b_qkv, w_proj, b_proj))
-        h = F.linear(F.layer_norm(x, (C,), ln2_w, ln2_b, N.LN_EPS), w_fc.T, b_fc)
+        h = F.layer_norm(x, (C,), ln1_w, ln1_b, normalisation.LN_EPS)
+        x = x + drop(attend(h, w_qkv, b_qkv, w_proj, b_proj))
+        h = F.linear(F.layer_norm(x, (C,), ln2_w, ln2_b, normalisation.LN_EPS), w_fc.T, b_fc)
         return x + drop(F.linear(F.gelu(h, approximate="tanh"), w_fc2.T, b_fc2))
     return reference
 
@@ -188,7 +177,7 @@ DROPOUT_P, DROPOUT_SEED = 0.3, 1234
 
 def _dropout_fixed(x):
     # a fresh generator with the same seed at every call: the same mask for the finite differences
-    return DR.dropout_forward(x, DROPOUT_P, torch.Generator().manual_seed(DROPOUT_SEED))
+    return dropout.dropout_forward(x, DROPOUT_P, torch.Generator().manual_seed(DROPOUT_SEED))
 
 
 def _dropout_reference(x):
@@ -203,11 +192,6 @@ ATTENTION_ENTRIES = (("attention", 2, 8, 5),       # name, n_head, C, max T
                      ("attention_odd_heads", 3, 9, 4))  # hs = 3: no power of two assumed
 
 # --- part 2, normalisation and attention: input makers and references (above this line) ---
-
-# The sequence layers' modules are imported here, beside their anchor, so that the two part-2
-# edits of this file never touch the same lines.
-from . import bow as BW  # noqa: E402
-from . import recurrent as RC  # noqa: E402
 
 SEQ_T, SEQ_C = 4, 3  # positions and input width (n_embd) of the recurrent checks
 
@@ -289,12 +273,12 @@ def _batchnorm_reference(x, gain, bias):
     dims = tuple(range(x.ndim - 1))
     mean = x.mean(dims, keepdim=True)
     var = x.var(dims, keepdim=True, unbiased=True)
-    return gain * (x - mean) / torch.sqrt(var + N.BN_EPS) + bias
+    return gain * (x - mean) / torch.sqrt(var + normalisation.BN_EPS) + bias
 
 
 def _padded_cross_entropy_reference(logits, targets):
     return F.cross_entropy(logits.reshape(-1, logits.shape[-1]), targets.reshape(-1),
-                           ignore_index=X.IGNORE_INDEX)
+                           ignore_index=losses.IGNORE_INDEX)
 
 
 def _flatten_reference(x):
@@ -303,71 +287,71 @@ def _flatten_reference(x):
 
 
 REGISTRY: dict[str, LayerSpec] = {spec.name: spec for spec in (
-    LayerSpec("embedding", "embedding", E.embedding_forward, E.embedding_backward,
+    LayerSpec("embedding", "embedding", embedding.embedding_forward, embedding.embedding_backward,
               lambda table, ix: F.embedding(ix, table), _embedding_inputs, ("table",)),
-    LayerSpec("linear", "linear", L.linear_forward, L.linear_backward,
+    LayerSpec("linear", "linear", linear.linear_forward, linear.linear_backward,
               lambda x, w, b: F.linear(x, w.T, b), _linear_inputs, ("x", "w", "b")),
-    LayerSpec("linear_nobias_3d", "linear", L.linear_forward, L.linear_backward,
+    LayerSpec("linear_nobias_3d", "linear", linear.linear_forward, linear.linear_backward,
               lambda x, w: F.linear(x, w.T), _linear_3d_inputs, ("x", "w")),
-    LayerSpec("tanh", "tanh", A.tanh_forward, A.tanh_backward,
+    LayerSpec("tanh", "tanh", activations.tanh_forward, activations.tanh_backward,
               lambda x: torch.tanh(x), _pointwise_inputs, ("x",)),
-    LayerSpec("relu", "relu", A.relu_forward, A.relu_backward,
+    LayerSpec("relu", "relu", activations.relu_forward, activations.relu_backward,
               lambda x: F.relu(x), _pointwise_inputs, ("x",)),
-    LayerSpec("gelu", "gelu", A.gelu_forward, A.gelu_backward,
+    LayerSpec("gelu", "gelu", activations.gelu_forward, activations.gelu_backward,
               lambda x: F.gelu(x, approximate="tanh"), _pointwise_inputs, ("x",)),
-    LayerSpec("batchnorm", "batchnorm", N.batchnorm_forward, N.batchnorm_backward,
+    LayerSpec("batchnorm", "batchnorm", normalisation.batchnorm_forward, normalisation.batchnorm_backward,
               _batchnorm_reference, _batchnorm_inputs, ("x", "gain", "bias")),
-    LayerSpec("batchnorm_3d", "batchnorm", N.batchnorm_forward, N.batchnorm_backward,
+    LayerSpec("batchnorm_3d", "batchnorm", normalisation.batchnorm_forward, normalisation.batchnorm_backward,
               _batchnorm_reference, _batchnorm_3d_inputs, ("x", "gain", "bias")),
-    LayerSpec("cross_entropy", "cross_entropy", X.cross_entropy_forward, X.cross_entropy_backward,
+    LayerSpec("cross_entropy", "cross_entropy", losses.cross_entropy_forward, losses.cross_entropy_backward,
               lambda logits, targets: F.cross_entropy(logits, targets), _cross_entropy_inputs,
               ("logits",)),
     LayerSpec("cross_entropy_padded", "cross_entropy",
-              lambda logits, targets: X.cross_entropy_forward(logits, targets, X.IGNORE_INDEX),
-              X.cross_entropy_backward, _padded_cross_entropy_reference,
+              lambda logits, targets: losses.cross_entropy_forward(logits, targets, losses.IGNORE_INDEX),
+              losses.cross_entropy_backward, _padded_cross_entropy_reference,
               _padded_cross_entropy_inputs, ("logits",)),
     LayerSpec("cross_entropy_soft", "cross_entropy",
-              lambda logits, targets, teacher: X.cross_entropy_forward(
-                  logits, targets, X.IGNORE_INDEX, X.SoftTargets(teacher, SOFT_WEIGHT)),
-              X.cross_entropy_backward, _soft_cross_entropy_reference,
+              lambda logits, targets, teacher: losses.cross_entropy_forward(
+                  logits, targets, losses.IGNORE_INDEX, losses.SoftTargets(teacher, SOFT_WEIGHT)),
+              losses.cross_entropy_backward, _soft_cross_entropy_reference,
               _soft_cross_entropy_inputs, ("logits",)),
     LayerSpec("flatten_consecutive", "flatten_consecutive",
-              lambda x: R.flatten_consecutive_forward(x, 2), R.flatten_consecutive_backward,
+              lambda x: reshape.flatten_consecutive_forward(x, 2), reshape.flatten_consecutive_backward,
               _flatten_reference, _flatten_inputs, ("x",)),
-    LayerSpec("layernorm_3d", "layernorm", N.layernorm_forward, N.layernorm_backward,
-              lambda x, weight, bias: F.layer_norm(x, x.shape[-1:], weight, bias, N.LN_EPS),
+    LayerSpec("layernorm_3d", "layernorm", normalisation.layernorm_forward, normalisation.layernorm_backward,
+              lambda x, weight, bias: F.layer_norm(x, x.shape[-1:], weight, bias, normalisation.LN_EPS),
               _layernorm_inputs, ("x", "weight", "bias")),
     *(LayerSpec(name, "attention",
-                lambda n_head=n_head, **kw: AT.attention_forward(**kw, n_head=n_head),
-                AT.attention_backward, _attention_reference(n_head), _attention_inputs(C, max_T),
+                lambda n_head=n_head, **kw: attention.attention_forward(**kw, n_head=n_head),
+                attention.attention_backward, _attention_reference(n_head), _attention_inputs(C, max_T),
                 ("x", "w_qkv", "b_qkv", "w_proj", "b_proj"))
       for name, n_head, C, max_T in ATTENTION_ENTRIES),
-    LayerSpec("dropout", "dropout", _dropout_fixed, DR.dropout_backward, _dropout_reference,
+    LayerSpec("dropout", "dropout", _dropout_fixed, dropout.dropout_backward, _dropout_reference,
               _pointwise_inputs, ("x",)),
-    LayerSpec("dropout_p0", "dropout", lambda x: DR.dropout_forward(x, 0.0, torch.Generator()),
-              DR.dropout_backward, lambda x: x, _pointwise_inputs, ("x",)),
-    LayerSpec("block", "block", lambda **kw: TF.block_forward(**kw, n_head=2), TF.block_backward,
+    LayerSpec("dropout_p0", "dropout", lambda x: dropout.dropout_forward(x, 0.0, torch.Generator()),
+              dropout.dropout_backward, lambda x: x, _pointwise_inputs, ("x",)),
+    LayerSpec("block", "block", lambda **kw: transformer.block_forward(**kw, n_head=2), transformer.block_backward,
               _block_reference(2), _block_inputs,
               ("x", "ln1_w", "ln1_b", "w_qkv", "b_qkv", "w_proj", "b_proj", "ln2_w", "ln2_b",
                "w_fc", "b_fc", "w_fc2", "b_fc2")),
     LayerSpec("block_dropout", "block",
-              lambda **kw: TF.block_forward(**kw, n_head=2, dropout=DROPOUT_P,
+              lambda **kw: transformer.block_forward(**kw, n_head=2, dropout=DROPOUT_P,
                                             rng=torch.Generator().manual_seed(DROPOUT_SEED)),
-              TF.block_backward, _block_reference(2, DROPOUT_P), _block_inputs,
+              transformer.block_backward, _block_reference(2, DROPOUT_P), _block_inputs,
               ("x", "ln1_w", "ln1_b", "w_qkv", "b_qkv", "w_proj", "b_proj", "ln2_w", "ln2_b",
                "w_fc", "b_fc", "w_fc2", "b_fc2")),
     # --- part 2, normalisation and attention: entries (above this line) ---
-    LayerSpec("sigmoid", "sigmoid", A.sigmoid_forward, A.sigmoid_backward,
+    LayerSpec("sigmoid", "sigmoid", activations.sigmoid_forward, activations.sigmoid_backward,
               lambda x: 1.0 / (1.0 + torch.exp(-x)), _pointwise_inputs, ("x",)),
-    LayerSpec("token_position", "token_position", E.token_position_forward,
-              E.token_position_backward, _token_position_reference, _token_position_inputs,
+    LayerSpec("token_position", "token_position", embedding.token_position_forward,
+              embedding.token_position_backward, _token_position_reference, _token_position_inputs,
               ("wte", "wpe")),
-    LayerSpec("rnn", "rnn", RC.rnn_forward, RC.rnn_backward, _rnn_reference, _rnn_inputs,
+    LayerSpec("rnn", "rnn", recurrent.rnn_forward, recurrent.rnn_backward, _rnn_reference, _rnn_inputs,
               ("x", "h0", "w", "b")),
-    LayerSpec("gru", "gru", RC.gru_forward, RC.gru_backward, _gru_reference, _gru_inputs,
+    LayerSpec("gru", "gru", recurrent.gru_forward, recurrent.gru_backward, _gru_reference, _gru_inputs,
               ("x", "h0", "w_r", "b_r", "w_z", "b_z", "w_hbar", "b_hbar")),
-    LayerSpec("causal_average", "causal_average", BW.causal_average_forward,
-              BW.causal_average_backward, _causal_average_reference, _causal_average_inputs,
+    LayerSpec("causal_average", "causal_average", bow.causal_average_forward,
+              bow.causal_average_backward, _causal_average_reference, _causal_average_inputs,
               ("x",)),
     # --- part 2, sequence layers: entries (above this line) ---
 )}
