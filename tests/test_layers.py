@@ -11,9 +11,7 @@ from hypothesis import given, settings, strategies as st
 
 from backprop_ninja import nn
 from backprop_ninja.checking.gradcheck import approx_equal
-from backprop_ninja.nn import embedding as E
-from backprop_ninja.nn import losses as X
-from backprop_ninja.nn import normalisation as N
+from backprop_ninja.nn import embedding, losses, normalisation
 from backprop_ninja.checking.registry import REGISTRY, check_layer
 
 CASES = [(n, width) for n in (4, 7, 32) for width in (3, 27)]
@@ -77,8 +75,8 @@ def test_dlogits_rows_sum_to_zero(n, V, seed):
     g = torch.Generator().manual_seed(seed)
     logits = torch.randn(n, V, generator=g, dtype=torch.float64) * 3
     targets = torch.randint(0, V, (n,), generator=g)
-    _, cache = X.cross_entropy_forward(logits, targets)
-    (dlogits,) = X.cross_entropy_backward(1.0, cache)
+    _, cache = losses.cross_entropy_forward(logits, targets)
+    (dlogits,) = losses.cross_entropy_backward(1.0, cache)
     torch.testing.assert_close(dlogits.sum(1), torch.zeros(n, dtype=torch.float64), atol=1e-12, rtol=0)
     # the correct class is pulled up (negative gradient), every other one pushed down
     picked = dlogits[torch.arange(n), targets]
@@ -92,8 +90,8 @@ def test_batchnorm_dx_sums_to_zero_over_the_batch(n, H, seed):
     g = torch.Generator().manual_seed(seed)
     x = torch.randn(n, H, generator=g, dtype=torch.float64) * 2 + 1
     gain = torch.randn(1, H, generator=g, dtype=torch.float64) * 0.1 + 1
-    out, cache = N.batchnorm_forward(x, gain, torch.zeros(1, H, dtype=torch.float64))
-    dx, _, _ = N.batchnorm_backward(torch.randn(n, H, generator=g, dtype=torch.float64), cache)
+    out, cache = normalisation.batchnorm_forward(x, gain, torch.zeros(1, H, dtype=torch.float64))
+    dx, _, _ = normalisation.batchnorm_backward(torch.randn(n, H, generator=g, dtype=torch.float64), cache)
     # the output does not change when a constant is added to a column: dx is orthogonal to it
     torch.testing.assert_close(dx.sum(0), torch.zeros(H, dtype=torch.float64), atol=1e-10, rtol=0)
 
@@ -104,7 +102,7 @@ def test_embedding_backward_equals_the_lecture_loop(n, V, seed):
     g = torch.Generator().manual_seed(seed)
     ix = torch.randint(0, V, (n, 3), generator=g)
     demb = torch.randn(n, 3, 4, generator=g, dtype=torch.float64)
-    (dC,) = E.embedding_backward(demb, E.EmbeddingCache(ix, V))
+    (dC,) = embedding.embedding_backward(demb, embedding.EmbeddingCache(ix, V))
     loop = torch.zeros(V, 4, dtype=torch.float64)  # the lecture's double loop
     for k in range(n):
         for j in range(3):
@@ -116,4 +114,27 @@ def test_batch_of_one_is_rejected():
     from backprop_ninja.errors import UserError
     x = torch.randn(1, 4)
     with pytest.raises(UserError, match="at least 2"):
-        N.batchnorm_forward(x, torch.ones(1, 4), torch.zeros(1, 4))
+        normalisation.batchnorm_forward(x, torch.ones(1, 4), torch.zeros(1, 4))
+
+
+def test_a_batch_whose_every_target_is_ignored_has_a_zero_gradient():
+    """No target counts: the loss is a mean over nothing (NaN, as F.cross_entropy's) and the
+    gradient zero, with the logits' shape (it once divided by zero)."""
+    g = torch.Generator().manual_seed(0)
+    logits = torch.randn(3, 4, 7, generator=g, dtype=torch.float64)
+    targets = torch.full((3, 4), losses.IGNORE_INDEX)
+    loss, cache = losses.cross_entropy_forward(logits, targets, losses.IGNORE_INDEX)
+    reference = torch.nn.functional.cross_entropy(logits.view(-1, 7), targets.view(-1),
+                                                  ignore_index=losses.IGNORE_INDEX)
+    assert torch.isnan(loss) and torch.isnan(reference)
+    for dloss in (1.0, torch.tensor(0.5, dtype=torch.float64)):
+        (dlogits,) = losses.cross_entropy_backward(dloss, cache)
+        assert dlogits.shape == logits.shape and dlogits.dtype == logits.dtype
+        assert torch.equal(dlogits, torch.zeros_like(logits))
+    # one target that counts: the ordinary gradient again, as autograd's
+    targets[1, 2] = 3
+    x = logits.clone().requires_grad_(True)
+    torch.nn.functional.cross_entropy(x.view(-1, 7), targets.view(-1),
+                                      ignore_index=losses.IGNORE_INDEX).backward()
+    _, cache = losses.cross_entropy_forward(logits, targets, losses.IGNORE_INDEX)
+    torch.testing.assert_close(losses.cross_entropy_backward(1.0, cache)[0], x.grad)

@@ -10,7 +10,7 @@ from hypothesis import given, settings, strategies as st
 from backprop_ninja.errors import UserError
 from backprop_ninja.nn import attention as AT
 from backprop_ninja.nn import dropout as DR
-from backprop_ninja.nn import normalisation as N
+from backprop_ninja.nn import normalisation
 from backprop_ninja.nn import transformer as TF
 from backprop_ninja.checking.registry import REGISTRY, check_layer
 
@@ -32,8 +32,8 @@ def attention_params(g, C):
 def layernorm_dx(seed, n, T, C, eps):
     g = torch.Generator().manual_seed(seed)
     x = randn(g, n, T, C, scale=2.0) + 1.0
-    _, cache = N.layernorm_forward(x, torch.ones(C, dtype=F64), randn(g, C), eps=eps)
-    dx, _, _ = N.layernorm_backward(randn(g, n, T, C), cache)
+    _, cache = normalisation.layernorm_forward(x, torch.ones(C, dtype=F64), randn(g, C), eps=eps)
+    dx, _, _ = normalisation.layernorm_backward(randn(g, n, T, C), cache)
     return dx, cache.xhat
 
 
@@ -41,7 +41,7 @@ def layernorm_dx(seed, n, T, C, eps):
 @given(n=st.integers(1, 6), T=st.integers(1, 5), C=st.integers(2, 12), seed=SEEDS)
 def test_layernorm_dx_is_orthogonal_to_ones_per_row(n, T, C, seed):
     # adding a constant to a row does not change its output, whatever eps
-    dx, _ = layernorm_dx(seed, n, T, C, N.LN_EPS)
+    dx, _ = layernorm_dx(seed, n, T, C, normalisation.LN_EPS)
     torch.testing.assert_close(dx.sum(-1), torch.zeros(n, T, dtype=F64), atol=1e-10, rtol=0)
 
 

@@ -7,7 +7,7 @@ import torch
 from hypothesis import given, settings, strategies as st
 
 from backprop_ninja.nn import bow as BW
-from backprop_ninja.nn import embedding as E
+from backprop_ninja.nn import embedding
 from backprop_ninja.nn import recurrent as RC
 from backprop_ninja.checking.registry import _gru_reference, _rnn_reference
 from backprop_ninja.checking.gradcheck import autograd_grads
@@ -195,9 +195,9 @@ def test_position_rows_get_the_sum_over_the_batch(n, T, extra, V, seed):
     g = torch.Generator().manual_seed(seed)
     wte, wpe = _randn(g, V, 3), _randn(g, T + extra, 3)
     idx = torch.randint(0, V, (n, T), generator=g)
-    x, cache = E.token_position_forward(wte, wpe, idx)
+    x, cache = embedding.token_position_forward(wte, wpe, idx)
     dx = _randn(g, n, T, 3)
-    dwte, dwpe = E.token_position_backward(dx, cache)
+    dwte, dwpe = embedding.token_position_backward(dx, cache)
     # position row t is used by every batch row: it gets the sum; rows past T get nothing
     torch.testing.assert_close(dwpe[:T], dx.sum(0), rtol=1e-12, atol=1e-12)
     assert not dwpe[T:].any()
@@ -210,5 +210,5 @@ def test_position_rows_get_the_sum_over_the_batch(n, T, extra, V, seed):
 
 def test_more_positions_than_position_rows_is_refused():
     with pytest.raises(ValueError, match="5 positions"):
-        E.token_position_forward(torch.zeros(4, 2), torch.zeros(3, 2),
+        embedding.token_position_forward(torch.zeros(4, 2), torch.zeros(3, 2),
                                  torch.zeros(1, 5, dtype=torch.long))

@@ -1,6 +1,7 @@
 """The trainer: no graph, agreement with eager and autograd, exact resume, files, bad input."""
 
 import json
+import math
 import signal
 import subprocess
 import sys
@@ -537,3 +538,29 @@ def test_a_run_from_before_sam_and_distill_resumes_with_them_at_zero(tmp_path):
     assert main(["train", "-o", str(out), "--resume", "--steps", "30", "--sam", "0", "--distill",
                  "0", "--no-progress", "--num-samples", "0"]) == 0
     assert checkpoint_step(out) == 30
+
+
+@pytest.mark.parametrize("argv", [
+    ["--type", "mlp", "--n-hidden", "32"],                      # SGD: the lecture's lr * grad
+    ["--type", "rnn", "--n-embd", "8", "--n-embd2", "16"],      # AdamW: the moments rescale it
+    ["--type", "transformer", "--n-layer", "1", "--n-head", "2", "--n-embd", "16", "--ema", "0.9",
+     "--sam", "0.05"],                                          # AdamW, EMA, SAM, masked decay
+])
+def test_the_recorded_update_to_data_ratio_is_the_change_the_step_made(tmp_path, argv):
+    """metrics.jsonl's ud at step 9 is log10 std(p10 - p9) / std(p9) per parameter, computed
+    here from the checkpoints of a 9-step and a 10-step run (the same trajectory). For AdamW
+    the old formula, std(lr * grad) / std(p), was decades off the real update."""
+    quiet = ["--no-progress", "--num-samples", "0", "--diag-every", "10", "--eval-every", "0"]
+    for steps in (9, 10):
+        assert main(["train", "-o", str(tmp_path / str(steps)), "--steps", str(steps), *argv,
+                     *quiet]) == 0
+    before, after = (load_file(str(tmp_path / s / "checkpoint.safetensors")) for s in ("9", "10"))
+    rows = [json.loads(line) for line in (tmp_path / "10" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows if "ud" in r] == [9]
+    recorded = rows[9]["ud"]
+    names = [k for k in recorded]
+    assert names and set(names) <= set(before)
+    for name in names:
+        p0, p1 = before[name].double(), after[name].double()
+        expected = math.log10(max((p1 - p0).std().item() / max(p0.std().item(), 1e-12), 1e-30))
+        assert recorded[name] == pytest.approx(expected, abs=2e-3), name

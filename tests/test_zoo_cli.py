@@ -2,6 +2,7 @@
 eval and sample reading the type from the work directory, check and bench, and bad input."""
 
 import json
+import math
 
 import pytest
 import torch
@@ -10,12 +11,47 @@ from safetensors.torch import load_file
 
 from backprop_ninja import models
 from backprop_ninja.cli import main
+from backprop_ninja.training.optim import views
 from helpers import one_line_error
 
 QUIET = ["--no-progress", "--num-samples", "0", "--eval-every", "100"]
 TINY = {"bigram": [], "mlp": ["--n-hidden", "32"], "wavenet": ["--n-hidden", "32", "--n-embd", "8"],
         "rnn": ["--n-embd2", "16"], "gru": ["--n-embd2", "16"], "bow": ["--n-embd2", "16"],
         "transformer": ["--n-layer", "1", "--n-head", "2", "--n-embd", "16"]}
+# each tiny model's parameter names, in the order of its flat buffers
+PARAMS_OF = {"transformer": list(models.get("transformer").init(
+    models.get("transformer").make_config(27, {"n_layer": 1, "n_head": 2, "n_embd": 16,
+                                               "block_size": 16}), torch.Generator()))}
+
+
+def without_exact_zeros(name: str, checkpoint: dict) -> None:
+    """Leave out of the trajectory comparison what has an exactly zero true gradient.
+
+    The transformer's key bias (b_qkv[1]) adds q . b_k to every score of a row, a shift that
+    softmax ignores: its true gradient is exactly 0, and what either route computes for it is
+    float rounding (asserted here: AdamW's first moment for it is a millionth of the others').
+    AdamW divides that noise by its own root mean square and so turns it into lr-sized random
+    steps, whose direction depends on the machine's rounding: comparing that slice between two
+    routes compares noise, which is how this test once passed on one machine and failed on
+    another. The slice has no effect on the forward (the shift again), so it is zeroed in both
+    runs (parameters, moments and average) and every other entry is compared."""
+    if name != "transformer":
+        return
+    like = {k: checkpoint[k] for k in PARAMS_OF[name]}
+    key_bias = [k for k in like if k.endswith(".b_qkv")]
+    assert key_bias
+    for flat_name in ("adamw_m", "adamw_v", "ema_params"):
+        flat = checkpoint[flat_name].clone()
+        parts = views(flat, like)
+        for k in key_bias:
+            if flat_name == "adamw_m":
+                others = torch.cat([parts[k][0].flatten(), parts[k][2].flatten()])
+                assert parts[k][1].abs().max() <= 1e-6 * others.abs().max(), k
+            parts[k][1].zero_()
+        checkpoint[flat_name] = flat
+    for k in key_bias:
+        checkpoint[k] = checkpoint[k].clone()
+        checkpoint[k][1].zero_()
 
 
 @pytest.mark.parametrize("name", sorted(models.MODELS))
@@ -27,16 +63,26 @@ def test_a_few_hundred_steps_agree_with_autograd_then_eval_and_sample(name, tmp_
                 *TINY[name], *QUIET]
         assert main(argv) == 0
         runs[grad] = load_file(str(out / "checkpoint.safetensors"))
+    for run in runs.values():
+        without_exact_zeros(name, run)
     for k, v in runs["fast"].items():
         if k != "rng_state":
             torch.testing.assert_close(v, runs["autograd"][k], rtol=1e-3, atol=1e-4, msg=k)
     out = tmp_path / "fast"
     config = json.loads((out / "config.json").read_text())
     assert config["model"]["type"] == name
-    capsys.readouterr()
-    assert main(["eval", "-o", str(out), "--json"]) == 0
-    losses = json.loads(capsys.readouterr().out)
-    assert set(losses) == {"train", "val", "test"} and all(2.0 < v < 3.2 for v in losses.values())
+    evals = {}
+    for grad in ("fast", "autograd"):
+        capsys.readouterr()
+        assert main(["eval", "-o", str(tmp_path / grad), "--json"]) == 0
+        evals[grad] = json.loads(capsys.readouterr().out)
+    losses = evals["fast"]
+    assert set(losses) == {"train", "val", "test"}
+    # the same model by either route gives the same figures; and 300 steps learned something:
+    # every split below the uniform guess's log(27) by a margin no untrained model reaches
+    for split, loss in losses.items():
+        assert loss == pytest.approx(evals["autograd"][split], abs=2e-3), split
+        assert loss < math.log(27) - 0.4, (split, loss)
     assert main(["sample", "-o", str(out), "-n", "5", "--seed", "1"]) == 0
     samples = capsys.readouterr().out.splitlines()
     assert len(samples) == 5 and all(s.isalpha() for s in samples if s)

@@ -65,7 +65,12 @@ def cross_entropy_backward(dloss: Tensor | float, cache: CrossEntropyCache) -> t
     one pulled up by 1 - p, so the pull balances the push. A row whose target is ignored had no
     part in the loss and gets no gradient at all. With soft targets it is (p - q) / count for the
     mixed target q: each row still sums to zero, as q does to one.
+
+    A batch whose every target is ignored has nothing to learn from: its loss is a mean over
+    nothing (NaN, as ``F.cross_entropy`` gives) and its gradient zero, not a division by zero.
     """
+    if cache.count == 0:
+        return (torch.zeros(cache.shape, dtype=cache.probs.dtype, device=cache.probs.device),)
     dlogits = cache.probs.clone()
     rows = torch.arange(dlogits.shape[0], device=dlogits.device)
     if cache.soft is not None:  # distillation: dlogits = (p - q) / count, q the mixed target
