@@ -168,10 +168,10 @@ def size_factors(name: str, sizes: Iterable[tuple[int, str]]) -> list[tuple[floa
                              "(the mean's) is missing"),
                   (1 / n, f"it is {n} times too small, {n} being the size of {what}: a 1/{n} is "
                           "in it once too often"),
-                  ((n - 1) / n, f"{n - 1}/{n}, n-1 where n belongs ({n} being the size of "
-                                f"{what}): {bessel_message(name, n)}"),
-                  (n / (n - 1), f"{n}/{n - 1}, n where n-1 belongs ({n} being the size of "
-                                f"{what}): {bessel_message(name, n)}")]
+                  ((n - 1) / n, f"it divides by n = {n} (the size of {what}) where n-1 = "
+                                f"{n - 1} belongs: {bessel_message(name, n)}"),
+                  (n / (n - 1), f"it divides by n-1 = {n - 1} where n = {n} (the size of "
+                                f"{what}) belongs: {bessel_message(name, n)}")]
     return known
 
 

@@ -21,6 +21,7 @@ transpose missing, a branch overwritten).
 from __future__ import annotations
 
 import traceback
+import warnings
 from typing import Any, Callable, Mapping, Sequence
 
 import torch
@@ -45,10 +46,10 @@ class Runner:
         if not self.floats:
             raise LayerError("no floating-point tensor among the inputs: nothing has a gradient")
         self.g = torch.Generator().manual_seed(seed)
-        self.batch = self.batch_inputs(batch)
         self.mutations: dict[str, str] = {}
         self.notes: list[str] = []
         self.base64 = self.cast(named, torch.float64)
+        self.batch: list[str] = []
         try:
             out = layer.forward(*self.base64.values())
         except LayerError:
@@ -57,6 +58,7 @@ class Runner:
             raise LayerError(f"{layer.name}'s forward raised on the inputs: "
                              f"{type(e).__name__}: {e}") from None
         self.out_shape = tuple(out.shape)
+        self.batch = self.batch_inputs(batch)
         self.dout1 = self.randn(out)
         self.dout2 = self.randn(out)
         self.oracle, self.oracle_label = self.pick_oracle(reference, out)
@@ -74,7 +76,16 @@ class Runner:
         if first is None or first.ndim == 0:
             return []
         n = first.shape[0]
-        return [k for k in tensors if self.named[k].ndim > 0 and self.named[k].shape[0] == n]
+        sharing = [k for k in tensors if self.named[k].ndim > 0 and self.named[k].shape[0] == n]
+        # every input sharing the first's dim 0, or the first alone (a square weight may share it)
+        for candidate in (sharing, tensors[:1]):
+            self.batch = candidate
+            try:
+                self.layer.forward(*self.at_batch(2).values())
+                return candidate
+            except Exception:
+                continue
+        return []
 
     def cast(self, values: Mapping[str, Any], dtype) -> dict[str, Any]:
         return {k: (v.detach().to(dtype).clone() if is_float_tensor(v) else v)
@@ -327,7 +338,7 @@ class Runner:
 
     def alternatives(self, k: str, check: Check) -> list[tuple[Tensor, str]]:
         values, dout, truth = check.values, check.dout.double(), check.truth
-        alts = []
+        alts = [(-truth[k], f"d{k} is the right answer times -1: the sign is flipped")]
         try:
             ones = self.truth(values, torch.ones_like(dout))
             alts.append((ones[k], f"d{k} ignores the upstream gradient: it is the gradient for an "
@@ -482,7 +493,9 @@ def check_layer(fn: Any, inputs: Mapping[str, Any] | Sequence | Tensor,
     The returned report prints as a table; ``report.ok`` says whether every check passed."""
     layer = adapt(fn, backward)
     named = order_inputs(layer, inputs)
-    return Runner(layer, named, reference, batch, seed, fd_sample).run()
+    with warnings.catch_warnings():  # the layer's own warnings, e.g. var() at batch 1
+        warnings.simplefilter("ignore")
+        return Runner(layer, named, reference, batch, seed, fd_sample).run()
 
 
 def assert_backward(fn: Any, inputs: Mapping[str, Any] | Sequence | Tensor,
