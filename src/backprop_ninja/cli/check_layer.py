@@ -15,9 +15,14 @@ SHAPES_HELP = ("the inputs, in any order, by the forward's parameter names: NAME
 def cmd_check_layer(args: argparse.Namespace) -> int:
     from ..checking.layer import check_layer
     from ..checking.layer_adapt import load_layer, make_inputs, parse_shapes
+    from ..errors import UserError
 
     shapes = parse_shapes(args.shapes)
     layer, reference = load_layer(args.layer, args.reference)
+    unknown = [k for k in shapes if layer.params is not None and k not in layer.params]
+    if unknown:
+        raise UserError(f"--shapes: {layer.name} has no parameter '{unknown[0]}' (its "
+                        f"parameters: {', '.join(layer.params)})")
     inputs = make_inputs(shapes, seed=args.seed, device=args.device)
     batch = [b.strip() for b in args.batch.split(",") if b.strip()] if args.batch else None
     report = check_layer(layer, inputs, reference, batch=batch, seed=args.seed)
