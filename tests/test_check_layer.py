@@ -284,3 +284,10 @@ def test_parse_shapes():
         "s": ((), "normal")}
     with pytest.raises(LayerError, match="size 0"):
         parse_shapes("x=0x3")
+
+
+def test_non_tensor_inputs_pass_through():
+    from backprop_ninja import check_layer
+    report = check_layer(lambda x, p: x ** p, {"x": torch.randn(5, 3), "p": 3},
+                         backward=lambda dout, x, p: (p * x ** (p - 1) * dout, None))
+    assert report.ok and report.floats == ["x"]

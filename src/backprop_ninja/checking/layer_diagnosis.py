@@ -73,8 +73,14 @@ class Diagnosis:
         truth = check.truth
         hint = classic(k, got, truth[k], self.alternatives(k, check), self.factors(k, check.values),
                        None) or self.embedding_text(k, got, truth[k], check.values)
-        return hint or (f"d{k} differs from the oracle's (maxdiff {cell.maxdiff:.3g}); no classic "
-                        "mistake recognised: recheck the local derivative and the chain rule")
+        if hint:
+            return hint
+        raised = next((c for c in checks if k in c.cells and c.cells[k].status == "error"), None)
+        if raised is not None:  # the same mistake, at other sizes, raised: its message says more
+            return (f"d{k} differs from the oracle's (maxdiff {cell.maxdiff:.3g}), and in "
+                    f"'{raised.label}' {raised.cells[k].text}")
+        return (f"d{k} differs from the oracle's (maxdiff {cell.maxdiff:.3g}); no classic "
+                "mistake recognised: recheck the local derivative and the chain rule")
 
     def alias_text(self, k: str, check: Check) -> str:
         a, b = [n for n in self.floats if check.values[n] is check.values[k]][:2]
