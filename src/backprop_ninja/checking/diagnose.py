@@ -85,7 +85,8 @@ def shape_hint(name: str, got: Tensor, ref: Tensor) -> str:
     summed = sum_to_shape(got.detach(), rs)
     if summed is not None:
         dims = broadcast_dims(gs, rs)
-        right = " Summing yours over it gives the right answer." if approx_equal(summed, ref) else ""
+        right = " Summing yours over it gives the right answer." \
+            if approx_equal(summed, ref) else ""
         return (f"d{name} has shape {list(gs)}, the shape of the broadcast result: {name} "
                 f"{list(rs)} was broadcast along dim {dims} in the forward pass, so its gradient "
                 f"is a sum over that dim (keeping {name}'s shape).{right}")

@@ -281,7 +281,8 @@ def layer_names(module) -> list[str]:
 
 
 def backward_name(name: str) -> str:
-    return name[:-len("_forward")] + "_backward" if name.endswith("_forward") else name + "_backward"
+    stem = name[:-len("_forward")] if name.endswith("_forward") else name
+    return stem + "_backward"
 
 
 def layer_by_name(module, name: str, path: str, candidates: list[str]) -> Layer:
@@ -289,7 +290,8 @@ def layer_by_name(module, name: str, path: str, candidates: list[str]) -> Layer:
     if obj is None and callable(getattr(module, name + "_forward", None)):
         name, obj = name + "_forward", getattr(module, name + "_forward")
     if obj is None:
-        raise LayerError(f"{path} has no '{name}' (layers found: {', '.join(candidates) or 'none'})")
+        found = ", ".join(candidates) or "none"
+        raise LayerError(f"{path} has no '{name}' (layers found: {found})")
     if is_function(obj):
         return from_function(obj)
     bwd = getattr(module, backward_name(name), None)

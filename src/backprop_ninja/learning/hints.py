@@ -1,10 +1,11 @@
 """Hints: recognising the classic mistakes of a learner's backward pass.
 
-A mistake is recognised by recomputing what it would have produced; the recognisers that hold
-for any layer (shapes, factors, zeros, transposes, embedding rows, branches) are in
-``checking.diagnose``, shared with ``check-layer``; this module adds the exercises' own. The reference gradients of
+A mistake is recognised by recomputing what it would have produced. The reference gradients of
 the tensors above the first wrong one are right (the learner's match them), so e.g. a gradient
-that kept only one branch equals that branch's contribution computed from the reference.
+that kept only one branch equals that branch's contribution computed from the reference. The
+recognisers that hold for any layer (shapes, factors, zeros, transposes, embedding rows, the
+branch message) are in ``checking.diagnose``, shared with ``check-layer``; this module adds the
+exercises' own alternatives.
 
 Dimension letters: n batch, T block_size, E n_embd, H n_hidden, V vocab size.
 """
