@@ -236,6 +236,15 @@ def affine_backward(dout, cache):
     return dout @ w.T, x.T @ dout, dout.sum(0)
 
 
+def cross_entropy(logits, targets):
+    return torch.nn.functional.cross_entropy(logits, targets)
+
+
+def cross_entropy_backward(dout, logits, targets):
+    onehot = torch.nn.functional.one_hot(targets, logits.shape[1]).to(logits.dtype)
+    return dout * (torch.softmax(logits, 1) - onehot) / logits.shape[0], None
+
+
 def relu_forward(x):
     return x.clamp(min=0), x
 
@@ -376,6 +385,11 @@ def affine_backward_mean(dout, cache):
     return dout @ w.T, x.T @ dout, dout.mean(0)
 
 
+def cross_entropy_sum(dout, logits, targets):
+    onehot = torch.nn.functional.one_hot(targets, logits.shape[1]).to(logits.dtype)
+    return dout * (torch.softmax(logits, 1) - onehot), None
+
+
 def relu_backward_float32(dout, cache):
     return (dout * (cache > 0)).float()
 
@@ -404,6 +418,11 @@ def attn_inputs(n=3, T=5, hs=4, seed=0):
 def emb_inputs(n=6, V=5, C=4, seed=0):
     idx = torch.randint(0, V, (n, 3), generator=torch.Generator().manual_seed(seed))
     return {"table": randn(V, C, seed=seed), "idx": idx}
+
+
+def ce_inputs(n=7, V=5, seed=0):
+    targets = torch.randint(0, V, (n,), generator=torch.Generator().manual_seed(seed))
+    return {"logits": randn(n, V, seed=seed), "targets": targets}
 
 
 def pos(*shape, seed=0):
@@ -480,6 +499,9 @@ BUGS = {
         (affine_forward, affine_backward_mean), None,
         lambda: {"x": randn(6, 8), "w": randn(8, 5), "b": randn(5)},
         "b", ["6 times too small"]),
+    "cross-entropy (a scalar loss): the 1/n of the mean missing": (
+        cross_entropy, cross_entropy_sum, ce_inputs,
+        "logits", ["7 times too big", "dim 0 of logits"]),
     "relu pair: gradient in float32": (
         (relu_forward, relu_backward_float32), None, lambda: {"x": randn(6, 8)},
         "x", ["float32 for a float64 x"]),
@@ -536,6 +558,8 @@ CORRECT = {
     "affine pair": ((affine_forward, affine_backward), None,
                     lambda: {"x": randn(6, 8), "w": randn(8, 5), "b": randn(5)},
                     lambda: {"x": randn(64, 256), "w": randn(256, 512) / 16, "b": randn(512)}),
+    "cross-entropy": (cross_entropy, cross_entropy_backward, ce_inputs,
+                      lambda: ce_inputs(256, 27)),
     "relu pair": ((relu_forward, relu_backward), None, lambda: {"x": randn(6, 8)},
                   lambda: {"x": randn(64, 512)}),
 }

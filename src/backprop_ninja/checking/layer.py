@@ -31,7 +31,7 @@ from .diagnose import exception_hint
 from .gradcheck import approx_equal, gradient_problem
 from .layer_adapt import (GradientCountError, Layer, LayerError, adapt, gradient_list,
                           is_float_tensor, order_inputs)
-from .layer_oracle import FD_SAMPLE, Sampled, autograd_truth, finite_differences
+from .layer_oracle import FD_SAMPLE, Sampled, as_float64, autograd_truth, finite_differences
 from .layer_diagnosis import Diagnosis
 from .layer_report import Cell, Check, Report
 
@@ -118,6 +118,10 @@ class Runner(Diagnosis):
             return reference, f"autograd of the reference {getattr(reference, '__name__', '')}"
         try:
             probe = self.fd_point()
+            leaves = {k: (v.requires_grad_(True) if k in self.floats else v)
+                      for k, v in as_float64(probe).items()}
+            if not self.layer.differentiable(*leaves.values()).requires_grad:
+                return None, "finite differences only (autograd cannot follow the forward)"
             truth = autograd_truth(self.layer.differentiable, probe, self.dout_for(probe, 1),
                                    self.floats)
             fd = finite_differences(self.layer.forward, probe, self.dout_for(probe, 1),
@@ -188,8 +192,9 @@ class Runner(Diagnosis):
 
     # -- one check ------------------------------------------------------------------------------
     def check(self, label: str, values: dict[str, Any], dout: Tensor, dtype=torch.float64,
-              fd: bool = False, skip_on_forward_error: bool = False, alias=None) -> Check:
-        values = self.cast(values, dtype) if alias is None else values
+              fd: bool = False, skip_on_forward_error: bool = False,
+              as_given: bool = False) -> Check:
+        values = values if as_given else self.cast(values, dtype)  # as_given: layouts, aliases
         dout = dout.to(dtype)
         try:
             out = self.layer.forward(*values.values())
@@ -249,15 +254,15 @@ class Runner(Diagnosis):
                             transposed), ("expanded inputs (dim 0 broadcast)", expanded)):
             values = {k: (make(v) if k in self.floats else v) for k, v in self.base64.items()}
             if any(values[k] is not self.base64[k] for k in self.floats):
-                checks.append(self.check(label, values, self.dout1, alias=True))
+                checks.append(self.check(label, values, self.dout1, as_given=True))
         pair = next(((a, b) for i, a in enumerate(self.floats) for b in self.floats[i + 1:]
                      if self.named[a].shape == self.named[b].shape), None)
         if pair:
             a, b = pair
             values = dict(self.base64)
             values[b] = values[a]
-            check = self.check(f"the same tensor as {a} and {b}", values, self.dout1, alias=True)
-            checks.append(check)
+            checks.append(self.check(f"the same tensor as {a} and {b}", values, self.dout1,
+                                     as_given=True))
         checks.append(self.mutation_check())
         checks.append(self.repeat_check())
         return Report(self.layer.name, self.layer.kind,

@@ -220,8 +220,8 @@ def load_layer(spec: str, reference: str | None = None) -> tuple[Layer, Callable
     NAME may be an autograd.Function subclass; a forward whose backward is NAME_backward
     (f and f_backward), or NAME_forward / NAME_backward or X_forward / X_backward (a pair,
     told apart from f by returning (out, cache)); without NAME, the file's only such layer."""
-    path, _, name = spec.partition(":") if not re.match(r"^[A-Za-z]:\\", spec) else \
-        (spec, "", "")
+    match = re.match(r"^(.*\.py):(\w+)$", spec)
+    path, name = (match.group(1), match.group(2)) if match else (spec, "")
     module = import_file(Path(path))
     candidates = layer_names(module)
     if not name:
@@ -309,21 +309,21 @@ class AutoLayer:
     backward: Callable
 
     def layer(self) -> Layer:
-        pair, f = from_pair(self.forward, self.backward, self.name), \
-            from_f(self.forward, self.backward, self.name)
-
         def run_forward(inputs):
             result = self.forward(*inputs)
             if isinstance(result, tuple) and len(result) == 2 and isinstance(result[0], Tensor):
+                layer.kind = KINDS["pair"]
                 return result[0], ("pair", result[1])
+            layer.kind = KINDS["f"]
             return result, ("f", None)
 
         def run_backward(dout, inputs, state):
             kind, cache = state
             return self.backward(dout, cache) if kind == "pair" else self.backward(dout, *inputs)
 
-        return Layer(self.name, f"{pair.kind} or {f.kind}", pair.params, run_forward,
-                     run_backward)
+        layer = Layer(self.name, f"{KINDS['pair']} or {KINDS['f']}",
+                      parameter_names(self.forward), run_forward, run_backward)
+        return layer
 
 
 SHAPE_ITEM = re.compile(r"^\s*([A-Za-z_]\w*)\s*=\s*(scalar|\d+(?:x\d+)*)\s*"
