@@ -268,6 +268,8 @@ def test_size_factors_name_the_size_and_the_bessel_direction():
     assert "divides by n = 7" in diagnose.factor_hint("x", ref * 6 / 7, ref, factors)
     assert "divides by n-1 = 6" in diagnose.factor_hint("x", ref * 7 / 6, ref, factors)
     assert "a constant factor is off" in diagnose.factor_hint("x", 1.3 * ref, ref, factors)
+    assert "twice the right answer" in diagnose.factor_hint("x", 2 * ref, ref, factors)
+    assert "a factor 2 is missing" in diagnose.factor_hint("x", ref / 2, ref, factors)
     assert diagnose.factor_hint("x", torch.randn(7, 3, dtype=torch.float64), ref, factors) is None
 
 
