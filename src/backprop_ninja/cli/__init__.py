@@ -7,9 +7,9 @@ import argparse
 import sys
 
 from ..errors import UserError
-from . import check, learn, train
+from . import check, check_layer, learn, train
 
-COMMANDS = (train, check, learn)
+COMMANDS = (train, check, check_layer, learn)
 
 
 class Parser(argparse.ArgumentParser):

@@ -2,7 +2,10 @@
 
 A mistake is recognised by recomputing what it would have produced. The reference gradients of
 the tensors above the first wrong one are right (the learner's match them), so e.g. a gradient
-that kept only one branch equals that branch's contribution computed from the reference.
+that kept only one branch equals that branch's contribution computed from the reference. The
+recognisers that hold for any layer (shapes, factors, zeros, transposes, embedding rows, the
+branch message) are in ``checking.diagnose``, shared with ``check-layer``; this module adds the
+exercises' own alternatives.
 
 Dimension letters: n batch, T block_size, E n_embd, H n_hidden, V vocab size.
 """
@@ -18,6 +21,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from ..checking.diagnose import bessel_message, branch_message, classic
+from ..checking.diagnose import exception_hint as generic_exception_hint
 from ..checking.gradcheck import approx_equal, gradient_problem
 from ..nn.embedding import EmbeddingCache, embedding_backward
 from ..nn.linear import LinearCache, linear_backward
@@ -76,123 +81,31 @@ def blank_lines(path: Path) -> dict[str, int]:
 
 
 # the tensors above the first wrong one are right (the learner's match them), so e.g. a gradient
-# that kept only one branch equals that branch's contribution computed from the reference.
+# that kept only one branch equals that branch's contribution computed from the reference. The
+# recognisers themselves are the project's, shared with check-layer (``checking.diagnose``).
 
 def diagnose(name: str, got: Tensor, ref: Tensor, alternatives: list[tuple[Tensor, str]],
              ctx: Context) -> str | None:
-    if got.shape != ref.shape:
-        return shape_hint(name, got, ref)
-    got = got.detach().to(ref.dtype)
-    if not torch.isfinite(got).all():
-        return f"d{name} contains nan or inf: look for a division by zero or a log of zero"
-    if not got.any() and ref.abs().max() > 1e-6:
-        return (f"d{name} is all zeros: was it started with zeros_like and never written, "
-                "or multiplied by a gradient that is still zero?")
-    for alternative, message in alternatives:
-        if approx_equal(got, alternative):
-            return message
-    if name == "C":
-        hint = embedding_hint(got, ref, ctx.Xb)
-        if hint:
-            return hint
-    if got.ndim == 2 and got.shape[0] == got.shape[1] and approx_equal(got, ref.T):
-        return TRANSPOSE_HINT
-    return factor_hint(name, got, ref, ctx.n)
+    return classic(name, got, ref, alternatives, batch_factors(name, ctx.n),
+                   indices=ctx.Xb if name == "C" else None)
 
 
-def shape_hint(name: str, got: Tensor, ref: Tensor) -> str:
-    gs, rs = tuple(got.shape), tuple(ref.shape)
-    if len(gs) == 2 and gs == rs[::-1]:
-        return f"d{name} has shape {list(gs)}, the transpose of {list(rs)}: {TRANSPOSE_HINT}"
-    if squeeze_shape(gs) == squeeze_shape(rs):
-        values = " (the values are right)" if approx_equal(got.detach().reshape(rs), ref) else ""
-        if len(gs) < len(rs):
-            return (f"d{name} has shape {list(gs)} but {name} is {list(rs)}{values}: a "
-                    "dimension of size 1 was dropped. Sum with keepdim=True; broadcasting would "
-                    "hide the missing dim and silently pair up the wrong entries further down")
-        return (f"d{name} has shape {list(gs)} but {name} is {list(rs)}{values}: it has an extra "
-                f"dimension of size 1; {name} is {len(rs)}-D, so sum without keepdim")
-    summed = sum_to_shape(got.detach(), rs)
-    if summed is not None:
-        dims = broadcast_dims(gs, rs)
-        right = " Summing yours over it gives the right answer." if approx_equal(summed, ref) else ""
-        return (f"d{name} has shape {list(gs)}, the shape of the broadcast result: {name} "
-                f"{list(rs)} was broadcast along dim {dims} in the forward pass, so its gradient "
-                f"is a sum over that dim (keeping {name}'s shape).{right}")
-    return f"d{name} must have the shape of {name}, {list(rs)}; it has {list(gs)}"
-
-
-def squeeze_shape(shape: tuple[int, ...]) -> tuple[int, ...]:
-    return tuple(s for s in shape if s != 1)
-
-
-def broadcast_dims(big: tuple[int, ...], small: tuple[int, ...]) -> list[int]:
-    """The dims of `big` along which a tensor of shape `small` was broadcast to make `big`."""
-    lead = len(big) - len(small)
-    pairs = enumerate(zip(big[lead:], small))
-    return list(range(lead)) + [lead + i for i, (b, s) in pairs if b != s]
-
-
-def sum_to_shape(x: Tensor, shape: tuple[int, ...]) -> Tensor | None:
-    """x summed down to `shape` if `shape` broadcasts to x's shape, else None."""
-    lead = x.ndim - len(shape)
-    if lead < 0 or any(s not in (1, b) for b, s in zip(x.shape[lead:], shape)):
-        return None
-    dims = broadcast_dims(tuple(x.shape), shape)
-    return x.sum(dims, keepdim=True).reshape(shape) if dims else x
-
-
-TRANSPOSE_HINT = ("a matmul backward is a matmul with a transpose: for out = x @ W, "
-                  "dx = dout @ W.T and dW = x.T @ dout (each shape tells you which)")
-
-
-def factor_hint(name: str, got: Tensor, ref: Tensor, n: int) -> str | None:
-    """got = s * ref for a constant s: name the classic ones (sign, 1/n, Bessel's n-1)."""
-    if ref.abs().max() < 1e-6:
-        return None
-    s = ((got * ref).sum() / (ref * ref).sum()).item()
-    if not approx_equal(got, s * ref):
-        return None
-    known = ((-1.0, "the sign is flipped"),
-             (n, f"it is n = {n} times too big: the loss is a mean over the batch, so a 1/n "
-                 "belongs in it"),
-             (1 / n, f"it is n = {n} times too small: the 1/n of the mean is in twice"),
-             ((n - 1) / n, bessel_message(name)), (n / (n - 1), bessel_message(name)))
-    for value, text in known:
-        if abs(s - value) < 1e-3 * abs(value):
-            return f"d{name} is the right answer times {s:.4g}: {text}"
-    return f"d{name} is the right answer times {s:.4g}: a constant factor is off"
-
-
-def bessel_message(name: str) -> str:
-    return (f"d{name} mixes up n and n-1: the batch variance divides by n-1 (Bessel's "
-            "correction), the mean by n; in the fused formula that is the n/(n-1) factor")
-
-
-def branch_message(name: str, kept: str, lost: str) -> str:
-    return (f"d{name} is only the gradient through {kept}: {name} also feeds {lost}. A tensor "
-            "used on several branches adds up the gradient of each (+=); an = overwrote one")
-
-
-def embedding_hint(got: Tensor, ref: Tensor, Xb: Tensor) -> str | None:
-    """Rows looked up once right, rows looked up several times wrong: assigned, not accumulated."""
-    uses = torch.bincount(Xb.reshape(-1), minlength=ref.shape[0])
-    once, many = uses <= 1, uses > 1
-    if many.any() and approx_equal(got[once], ref[once]) and not approx_equal(got[many], ref[many]):
-        return ("dC is right for the rows of C looked up once and wrong for rows looked up several "
-                "times: each lookup adds its gradient to the row (+= in the loop, or index_add_); "
-                "an assignment like dC[Xb] = demb keeps only one of them")
-    return None
+def batch_factors(name: str, n: int) -> list[tuple[float, str]]:
+    """The constant factors of a learner's gradient, with the batch size n: the loss is a mean."""
+    return [(-1.0, "the sign is flipped"),
+            (n, f"it is n = {n} times too big: the loss is a mean over the batch, so a 1/n "
+                "belongs in it"),
+            (1 / n, f"it is n = {n} times too small: the 1/n of the mean is in twice"),
+            ((n - 1) / n, bessel_message(name)), (n / (n - 1), bessel_message(name))]
 
 
 def exception_hint(e: BaseException) -> str | None:
     text = str(e)
     if "NoneType" in text:
         return "a gradient used on this line is still None: fill in the blanks above it first"
-    if "cannot be multiplied" in text:
-        return TRANSPOSE_HINT
-    if "must match the size" in text or "shape" in text and "invalid" in text:
-        return "the shapes do not line up: each gradient must have the shape of its tensor"
+    hint = generic_exception_hint(e)
+    if hint:
+        return hint
     if "unexpected keyword argument" in text or "missing" in text and "argument" in text:
         return ("keep the arguments of backward() as the template names them: "
                 "the checker passes them by keyword")

@@ -5,7 +5,8 @@ with ``approx_equal``: the gradients above the first wrong one are right (the le
 them), so each mistaken tensor is built from autograd's gradients of the tensors above it and the
 forward values in ``ctx.values`` (which also hold the upstream gradient, under its argument's
 name). Each ``exerciseN_alternatives(name, ctx)`` lists ``(tensor, message)`` pairs for the
-first wrong tensor ``name``; ``hints.diagnose`` returns the message of the first that matches.
+first wrong tensor ``name``; ``hints.diagnose`` returns the message of the first that matches
+(through ``checking.diagnose.classic``).
 
 Dimension letters: n batch, T positions, C features, nh heads, hs head size, H hidden width.
 """
@@ -17,8 +18,9 @@ import math
 import torch
 from torch import Tensor
 
+from ..checking.diagnose import bessel_message
 from ..checking.gradcheck import approx_equal
-from .hints import Context, bessel_message
+from .hints import Context
 
 Hints = list[tuple[Tensor, str]]
 
