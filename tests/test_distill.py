@@ -12,6 +12,7 @@ from backprop_ninja.cli import main
 from backprop_ninja.data import Dataset, default_data_path
 from backprop_ninja.nn.losses import SoftTargets, cross_entropy_forward, IGNORE_INDEX
 from backprop_ninja.training import distill
+from backprop_ninja.models.base import evaluate
 from backprop_ninja.rundir import load_run
 from helpers import one_line_error
 
@@ -34,19 +35,24 @@ def teachers(tmp_path_factory) -> tuple[Path, Path]:
 
 
 def test_the_targets_are_the_mean_of_the_teachers_predictions(teachers):
+    """Each teacher's predictions are checked against its own train loss as ``evaluate`` (the
+    eval command's path, not distill's) computes it: -mean log p(y) over every real target;
+    the mixture is then the mean of the single teachers' tables."""
     records = distill.records([str(t) for t in teachers])
     data = Dataset.load(default_data_path(), block_size=16, seed=42, layout="sequence")
-    X = data.splits["train"][0]
+    X, Y = data.splits["train"]
     config = json.loads((teachers[0] / "config.json").read_text())
     teacher = distill.load(records, 0.25, config["data"], X)
     assert teacher.probs.shape == (X.shape[0], 16, 27) and teacher.weight == 0.25
-    rows = torch.arange(0, X.shape[0], 997)
-    expected = 0
-    for path in teachers:
+    singles = [distill.load([r], 0.25, config["data"], X).probs for r in records]
+    keep = Y != IGNORE_INDEX
+    for path, probs in zip(teachers, singles):
         run = load_run(path)
-        expected = expected + torch.softmax(run.spec.forward(run.params, X[rows]).logits, -1)
-    torch.testing.assert_close(teacher.probs[rows], expected / 2, rtol=1e-5, atol=1e-6)
+        nll = -probs.gather(-1, Y.clamp_min(0).unsqueeze(-1)).squeeze(-1)[keep].double().log().mean()
+        assert nll.item() == pytest.approx(evaluate(run.spec, run.params, X, Y, run.stats), abs=1e-5)
+    torch.testing.assert_close(teacher.probs, (singles[0] + singles[1]) / 2, rtol=0, atol=1e-7)
     torch.testing.assert_close(teacher.probs.sum(-1), torch.ones(X.shape[0], 16))
+    rows = torch.arange(0, X.shape[0], 997)
     soft = teacher.batch(rows)
     assert isinstance(soft, SoftTargets) and torch.equal(soft.probs, teacher.probs[rows])
 
