@@ -176,7 +176,7 @@ def test_the_runner_copies_the_table_only_when_it_changes():
             tables.append(run.numbers)
     # lr 0.1 until step 130, then 0.01: chunk 0 all 0.1, chunk 1 both, chunks 2 and 3 all 0.01
     assert len(tables) == 3
-    assert run.table[:, 1].tolist() == pytest.approx([-0.01] * 100)
+    assert run.table[:, -1].tolist() == pytest.approx([-0.01] * 100)  # SGD's last number: -lr
 
 
 def checkpoints_equal(a, b) -> None:

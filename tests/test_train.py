@@ -564,3 +564,31 @@ def test_the_recorded_update_to_data_ratio_is_the_change_the_step_made(tmp_path,
         p0, p1 = before[name].double(), after[name].double()
         expected = math.log10(max((p1 - p0).std().item() / max(p0.std().item(), 1e-12), 1e-30))
         assert recorded[name] == pytest.approx(expected, abs=2e-3), name
+
+
+@pytest.mark.parametrize("name,weight_decay", [("sgd", 0.0), ("sgd", 0.1), ("adamw", 0.0),
+                                               ("adamw", 0.2)])
+def test_one_update_rule_whether_its_numbers_are_floats_or_tensors(name, weight_decay):
+    """The eager step gives the rule its numbers as Python floats; a CUDA graph reads them from
+    a device table. Both go through the same ``update``, and give the same bits (on the CPU
+    here; the CUDA tests replay it as a graph)."""
+    g = torch.Generator().manual_seed(0)
+    params = {"w": torch.randn(300, 7, generator=g), "b": torch.randn(7, generator=g)}
+    cfg = OptimConfig(name, weight_decay)
+    floats, tensors = (make_optimizer(FlatParams(params), cfg) for _ in range(2))
+    for t in range(1, 6):
+        grad = torch.randn(floats.buffers.grad.shape, generator=g)
+        floats.buffers.grad.copy_(grad)
+        tensors.buffers.grad.copy_(grad)
+        lr = 0.05 / t
+        floats.step(lr)
+        tensors.t += 1
+        tensors.update([torch.tensor([x]) for x in tensors.numbers(lr, tensors.t)])
+        assert torch.equal(floats.buffers.flat, tensors.buffers.flat), t
+    for k, v in floats.state().items():
+        assert torch.equal(v, tensors.state()[k]), k
+    # the numbers matter: another learning rate moves the parameters elsewhere
+    other = make_optimizer(FlatParams(params), cfg)
+    other.buffers.grad.copy_(grad)
+    other.step(0.5)
+    assert not torch.equal(other.buffers.flat, FlatParams(params).flat)

@@ -33,7 +33,7 @@ from typing import Callable, Sequence
 import torch
 from torch import Tensor
 
-from .optim import SGD, AdamW, Averaged
+from .optim import OPTIMIZERS, Averaged
 
 CHUNK = 100  # steps per chunk of batches, and per graph replay
 GOLDEN = 0x9E3779B97F4A7C15  # odd, so seed + (c + 1) * GOLDEN differs for every chunk c
@@ -86,66 +86,6 @@ class FixedBatches:
             self.loaded = chunk
 
 
-class GraphSGD:
-    """``optim.SGD``'s update with its per-step numbers read from device memory:
-    [1 - lr*wd, -lr]."""
-
-    columns = 2
-
-    def __init__(self, opt: SGD):
-        self.opt = opt
-
-    def steps_done(self) -> int:
-        return 0  # SGD's numbers do not depend on it
-
-    def numbers(self, lr: float, t: int) -> list[float]:
-        return [1.0 - lr * self.opt.cfg.weight_decay, -lr]
-
-    def update(self, cols: list[Tensor]) -> None:
-        flat, grad = self.opt.buffers.flat, self.opt.buffers.grad
-        if self.opt.cfg.weight_decay:
-            flat.mul_(cols[0])
-        flat.addcmul_(grad, cols[1])
-
-    def advance(self, steps: int) -> None:
-        pass
-
-
-class GraphAdamW:
-    """``optim.AdamW``'s update with its per-step numbers read from device memory:
-    [1 - lr*wd, -lr / (1 - b1^t), sqrt(1 - b2^t)]. Its step count t stays on the host, advanced
-    by the steps run, so the checkpoint holds the eager optimiser's state."""
-
-    columns = 3
-
-    def __init__(self, opt: AdamW):
-        self.opt = opt
-        self.ratio = torch.empty_like(opt.m)
-
-    def steps_done(self) -> int:
-        return self.opt.t
-
-    def numbers(self, lr: float, t: int) -> list[float]:
-        c = self.opt.cfg
-        return [1.0 - lr * c.weight_decay, -lr / (1.0 - c.beta1 ** t), math.sqrt(1.0 - c.beta2 ** t)]
-
-    def update(self, cols: list[Tensor]) -> None:
-        o, c = self.opt, self.opt.cfg
-        p, g = o.buffers.flat, o.buffers.grad
-        p.mul_(cols[0])
-        o.m.lerp_(g, 1.0 - c.beta1)
-        o.v.mul_(c.beta2).addcmul_(g, g, value=1.0 - c.beta2)
-        torch.sqrt(o.v, out=o.denom).div_(cols[2]).add_(c.eps)
-        torch.div(o.m, o.denom, out=self.ratio)
-        p.addcmul_(self.ratio, cols[1])
-
-    def advance(self, steps: int) -> None:
-        self.opt.t += steps
-
-
-GRAPH_OPTIMIZERS = {SGD: GraphSGD, AdamW: GraphAdamW}
-
-
 def not_capturable(step) -> str | None:
     """Why ``step`` cannot run as a CUDA graph, or None if it can: it must be a fused step
     (``forward_backward`` into buffers allocated once) with an optimiser that has a graph update,
@@ -158,7 +98,7 @@ def not_capturable(step) -> str | None:
         return "--ema's averaging has no graph update"
     if step.optimizer.decay is not None:
         return "weight decay on some parameters only has no graph update"
-    if type(step.optimizer) not in GRAPH_OPTIMIZERS:
+    if type(step.optimizer) not in OPTIMIZERS.values():
         return f"{type(step.optimizer).__name__} has no graph update"
     if step.flat.device.type != "cuda":
         return "not on CUDA"
@@ -187,7 +127,7 @@ class GraphRunner:
 
     def __init__(self, step, batches, lr_at: Callable[[int], float], capture: bool | None = None):
         self.step, self.batches, self.lr_at = step, batches, lr_at
-        self.opt = GRAPH_OPTIMIZERS[type(step.optimizer)](step.optimizer)
+        self.opt = step.optimizer  # its update reads the step's numbers from the table
         self.size, flat = batches.size, step.flat
         self.capture = flat.device.type == "cuda" if capture is None else capture
         self.table = torch.zeros(self.size, self.opt.columns, dtype=flat.dtype, device=flat.device)
@@ -217,7 +157,7 @@ class GraphRunner:
         else:
             self.run_slot(r)
             n = 1
-        self.opt.advance(n)
+        self.opt.t += n
         self.done = r + n
         return n
 
@@ -245,7 +185,7 @@ class GraphRunner:
 
     def load_numbers(self, chunk: int, i: int) -> None:
         """The table for the steps from i to the chunk's end (rows before i are never run: 0)."""
-        t0 = self.opt.steps_done()
+        t0 = self.opt.t
         numbers = [[0.0] * self.opt.columns if s < i else self.opt.numbers(self.lr_at(s), t0 + s - i + 1)
                    for s in range(chunk * self.size, (chunk + 1) * self.size)]
         if numbers == self.numbers:

@@ -61,25 +61,49 @@ def decay_mask(buffers: FlatParams, cfg: OptimConfig) -> Tensor | None:
                       for name, p in buffers.params.items()])
 
 
-def apply_decay(p: Tensor, mask: Tensor | None, lr: float, weight_decay: float) -> None:
-    """Decoupled weight decay, p *= 1 - lr*wd, on the parameters that the mask selects."""
+def shrink(p: Tensor, mask: Tensor | None, factor, amount) -> None:
+    """Decoupled weight decay, p *= 1 - lr*wd (``factor``), or on the entries that the mask
+    selects p += -lr*wd * p (``amount``)."""
     if mask is None:
-        p.mul_(1.0 - lr * weight_decay)
+        p.mul_(factor)
     else:
-        p.addcmul_(p, mask, value=-lr * weight_decay)
+        p.addcmul_(p, mask, value=amount)
 
 
 class SGD:
-    """p -= lr * dp, every parameter in one kernel (weight decay, if any, as AdamW's: p *= 1 - lr*wd)."""
+    """p -= lr * dp, every parameter in one kernel (weight decay, if any, as AdamW's: p *= 1 - lr*wd).
+
+    Each update rule is written once, in ``update``, which takes the step's numbers (from
+    ``numbers``) either as Python floats (``step``: the eager route) or as one-element tensors
+    in device memory (a CUDA graph's table, ``cuda_graph``, where a Python number would be
+    frozen into the graph). Both give the same bits (tests/test_train.py checks it): a float
+    goes in as a kernel's scalar, a tensor through the same arithmetic in the same order.
+    """
+
+    columns = 3  # the step's numbers: [1 - lr*wd, -lr*wd, -lr]
 
     def __init__(self, buffers: FlatParams, cfg: OptimConfig):
         self.buffers, self.cfg = buffers, cfg
         self.decay = decay_mask(buffers, cfg)
+        self.t = 0  # steps taken (SGD's numbers do not depend on it)
+
+    def numbers(self, lr: float, t: int) -> list[float]:
+        wd = self.cfg.weight_decay
+        return [1.0 - lr * wd, -lr * wd, -lr]
 
     def step(self, lr: float) -> None:
+        self.t += 1
+        self.update(self.numbers(lr, self.t))
+
+    def update(self, numbers) -> None:
+        factor, amount, scale = numbers
+        flat, grad = self.buffers.flat, self.buffers.grad
         if self.cfg.weight_decay:
-            apply_decay(self.buffers.flat, self.decay, lr, self.cfg.weight_decay)
-        self.buffers.flat.add_(self.buffers.grad, alpha=-lr)
+            shrink(flat, self.decay, factor, amount)
+        if isinstance(scale, Tensor):
+            flat.addcmul_(grad, scale)
+        else:
+            flat.add_(grad, alpha=scale)
 
     def state(self) -> dict[str, Tensor]:
         return {}
@@ -95,27 +119,44 @@ class AdamW:
         m = b1 m + (1 - b1) g            v = b2 v + (1 - b2) g^2
         p -= lr * (m / (1 - b1^t)) / (sqrt(v / (1 - b2^t)) + eps)
 
-    over the flat buffers: a few kernels per step whatever the number of parameters.
+    over the flat buffers: a few kernels per step whatever the number of parameters. Its
+    numbers, as SGD's (written once in ``update``, given as floats or device tensors):
+    [1 - lr*wd, -lr*wd, -lr / (1 - b1^t), sqrt(1 - b2^t)].
     """
+
+    columns = 4
 
     def __init__(self, buffers: FlatParams, cfg: OptimConfig):
         self.buffers, self.cfg = buffers, cfg
         self.m = torch.zeros_like(buffers.flat)
         self.v = torch.zeros_like(buffers.flat)
         self.denom = torch.zeros_like(buffers.flat)
+        self.scaled: Tensor | None = None  # m times a tensor's scale (device numbers only)
         self.decay = decay_mask(buffers, cfg)
         self.t = 0
 
+    def numbers(self, lr: float, t: int) -> list[float]:
+        c = self.cfg
+        return [1.0 - lr * c.weight_decay, -lr * c.weight_decay, -lr / (1.0 - c.beta1 ** t),
+                math.sqrt(1.0 - c.beta2 ** t)]
+
     def step(self, lr: float) -> None:
-        c, p, g = self.cfg, self.buffers.flat, self.buffers.grad
         self.t += 1
-        apply_decay(p, self.decay, lr, c.weight_decay)
+        self.update(self.numbers(lr, self.t))
+
+    def update(self, numbers) -> None:
+        factor, amount, scale, root2 = numbers
+        c, p, g = self.cfg, self.buffers.flat, self.buffers.grad
+        shrink(p, self.decay, factor, amount)
         self.m.lerp_(g, 1.0 - c.beta1)
         self.v.mul_(c.beta2).addcmul_(g, g, value=1.0 - c.beta2)
-        bias1 = 1.0 - c.beta1 ** self.t
-        bias2 = 1.0 - c.beta2 ** self.t
-        torch.sqrt(self.v, out=self.denom).div_(math.sqrt(bias2)).add_(c.eps)
-        p.addcdiv_(self.m, self.denom, value=-lr / bias1)
+        torch.sqrt(self.v, out=self.denom).div_(root2).add_(c.eps)
+        if isinstance(scale, Tensor):  # (scale m) / denom: the same bits as addcdiv's value=
+            if self.scaled is None:
+                self.scaled = torch.empty_like(self.m)
+            p.addcdiv_(torch.mul(self.m, scale, out=self.scaled), self.denom)
+        else:
+            p.addcdiv_(self.m, self.denom, value=scale)
 
     def state(self) -> dict[str, Tensor]:
         return {"adamw_m": self.m, "adamw_v": self.v,
