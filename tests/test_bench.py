@@ -9,6 +9,7 @@ import pytest
 
 from backprop_ninja import models
 from backprop_ninja.cli import main
+from backprop_ninja.checking.models import TINY
 from backprop_ninja.training import bench
 
 MLP = models.get("mlp")
@@ -18,7 +19,7 @@ MLP_ROUTES = ["autograd", "lecture", "eager", "fast"]
 @pytest.mark.parametrize("name", sorted(models.MODELS))
 def test_bench_rows_and_json(name):
     spec = models.get(name)
-    overrides = dict(spec.tiny)  # a small instance: the mechanics, not the figures
+    overrides = dict(TINY[name])  # a small instance: the mechanics, not the figures
     rows = bench.bench(spec, "cpu", sizes=((8, overrides),), repeats=1, memory=False, log=lambda s: None)
     assert [r.impl for r in rows] == (MLP_ROUTES if name == "mlp" else ["autograd", "eager", "fast"])
     # the mechanics only (the figures are checked on a fake clock below): one row per route,
@@ -107,3 +108,14 @@ def test_the_graph_route_runs_the_given_batches_in_order():
     assert route.next == 600
     torch.testing.assert_close(route.runner.step.flat, ref.flat, rtol=1e-5, atol=1e-6)
     assert bench.round_steps(route, 10) == bench.CHUNK and bench.round_steps(ref, 10) == 10
+
+
+def test_every_model_has_its_sizes_and_its_tiny_configuration():
+    """bench's sizes and the finite differences' tiny configurations are tables beside their
+    users, not fields of the model spec: a model added without an entry fails here."""
+    assert set(bench.SIZES) == set(models.MODELS) == set(TINY)
+    for name, sizes in bench.SIZES.items():
+        spec = models.get(name)
+        for batch, overrides in sizes:
+            assert batch >= 1 and set(overrides) <= set(spec.flags()), name
+        assert set(TINY[name]) <= set(spec.flags()), name

@@ -23,6 +23,12 @@ from ..nn.losses import SoftTargets
 from .gradcheck import Comparison, compare, finite_difference_grads, relative_error
 
 FD_TOLERANCE = 1e-6  # relative error of the float64 finite differences
+# each model's tiny configuration for the finite differences (overrides of its recipe's config):
+# a few hundred parameters, so that every one of them can be nudged in float64
+TINY = {"bigram": {}, "mlp": {"n_embd": 3, "n_hidden": 6},
+        "wavenet": {"block_size": 4, "n_embd": 3, "n_hidden": 6},
+        "rnn": {"n_embd": 3, "n_embd2": 4}, "gru": {"n_embd": 3, "n_embd2": 4},
+        "bow": {"n_embd": 3, "n_embd2": 4}, "transformer": {"n_layer": 2, "n_head": 2, "n_embd": 8}}
 # A gradient that is exactly zero in exact arithmetic (b1 under batchnorm) has no relative error
 # to speak of: both sides are noise, the differences' own about eps * |loss| / h ~ 1e-9 an entry.
 # Both norms under this floor count as a match (a real gradient here is above 1e-3).
@@ -86,7 +92,7 @@ def check_model(spec: ModelSpec, cfg, X: Tensor, Y: Tensor, params: Params | Non
     rows = model_rows(spec, params, X, Y)
     with torch.no_grad():
         loss = float(spec.forward(params, X, Y).loss)
-    tiny = replace(cfg, **spec.tiny)
+    tiny = replace(cfg, **TINY[spec.name])
     Xs = X[:fd_batch, X.shape[1] - spec.block_size(tiny):]
     return ModelCheck(rows, finite_difference_errors(spec, tiny, Xs, Y[:fd_batch], g), loss, tiny,
                       params)

@@ -140,7 +140,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
         raise UserError(f"--repeats must be at least 1, got {args.repeats}")
     spec = models.get(args.type)
     device = resolve_device(args.device)
-    sizes = spec.bench_sizes[:1] if args.quick else None
+    sizes = bench.SIZES[spec.name][:1] if args.quick else None
     rows = bench.bench(spec, device, sizes=sizes, repeats=args.repeats, memory=not args.no_memory,
                    compile=args.compile, log=(lambda s: None) if args.json else print)
     if args.json:

@@ -64,8 +64,6 @@ class ModelSpec:
     # whether its forward takes a teacher's soft targets (``soft=``, for --teacher): the models
     # whose loss is makemore's padded cross-entropy over a sequence
     soft_targets: bool = False
-    tiny: dict[str, Any] = field(default_factory=dict)  # config overrides for finite differences
-    bench_sizes: tuple = ((32, {}),)  # (batch, config overrides) that ``bench`` times
     attention_maps: Callable[[Any], list[Tensor]] | None = None  # cache -> per layer n x nh x T x T
     # parameters that weight decay leaves alone, by the last part of their name (the layer
     # norms' gains and biases, the linear biases); () decays every parameter, as makemore does

@@ -59,5 +59,4 @@ SPEC = ModelSpec(
     config=Config,
     recipe={"steps": 20_000, "batch_size": 256, "lr": 30.0, "lr_decay_step": 15_000,
             "lr_decay_to": 3.0, "seed": 2147483647},
-    bench_sizes=((256, {}),),
     init=init, forward=forward, backward=backward)

@@ -81,5 +81,4 @@ SPEC = ModelSpec(
     name="bow", summary="makemore's bag of words: a causal running average of the embeddings "
                         "and an MLP with a residual",
     config=Config, recipe=ADAMW_RECIPE, layout="sequence", soft_targets=True, init=init,
-    forward=forward, backward=backward, check_config=check_config, tiny={"n_embd": 3, "n_embd2": 4},
-    bench_sizes=((32, {}),))
+    forward=forward, backward=backward, check_config=check_config)

@@ -118,6 +118,4 @@ SPEC = ModelSpec(
     config=Config,
     recipe={"steps": 200_000, "batch_size": 32, "lr": 0.1, "lr_decay_step": 100_000,
             "lr_decay_to": 0.01, "seed": LECTURE_SEED},
-    bench_sizes=((32, {}), (4096, {"n_hidden": 1024})),
-    init=init, forward=forward, backward=backward, check_config=check_config,
-    tiny={"n_embd": 3, "n_hidden": 6})
+    init=init, forward=forward, backward=backward, check_config=check_config)

@@ -116,8 +116,7 @@ def make_spec(name: str, summary: str) -> ModelSpec:
     return ModelSpec(
         name=name, summary=summary, config=Config, recipe=ADAMW_RECIPE, layout="sequence",
         soft_targets=True, init=lambda cfg, g: init_cell(cell, cfg, g), forward=make_forward(cell),
-        backward=make_backward(cell), check_config=check_config,
-        tiny={"n_embd": 3, "n_embd2": 4}, bench_sizes=((32, {}),))
+        backward=make_backward(cell), check_config=check_config)
 
 
 SPEC = make_spec("rnn", "makemore's RNN: h_t = tanh([x_t, h_{t-1}] W + b) from a learned start state")

@@ -144,5 +144,4 @@ SPEC = ModelSpec(
                                 "self-attention and a 4x GELU MLP, every backward by hand",
     config=Config, recipe=RECIPE, layout="sequence", dropout=True, soft_targets=True, init=init,
     forward=forward, backward=backward, check_config=check_config,
-    tiny={"n_layer": 2, "n_head": 2, "n_embd": 8}, bench_sizes=((32, {}),),
     attention_maps=attention_maps, no_decay=NO_DECAY)

@@ -139,6 +139,4 @@ SPEC = ModelSpec(
     config=Config,
     recipe={"steps": 200_000, "batch_size": 32, "lr": 0.1, "lr_decay_step": 150_000,
             "lr_decay_to": 0.01, "seed": 2147483647},
-    bench_sizes=((32, {}), (512, {"n_hidden": 256})),
-    init=init, forward=forward, backward=backward,
-    tiny={"block_size": 4, "n_embd": 3, "n_hidden": 6}, check_config=check_config)
+    init=init, forward=forward, backward=backward, check_config=check_config)

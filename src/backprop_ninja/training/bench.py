@@ -36,6 +36,11 @@ from .threads import auto_threads
 from .steps import make_step, routes
 
 VOCAB = 27  # the problems are shaped like names.txt
+# (batch, config overrides) that ``bench`` times for each model: its recipe's size first (what
+# --quick times), then a large one where the model has a fused step worth measuring at scale
+SIZES = {"bigram": ((256, {}),), "mlp": ((32, {}), (4096, {"n_hidden": 1024})),
+         "wavenet": ((32, {}), (512, {"n_hidden": 256})), "rnn": ((32, {}),), "gru": ((32, {}),),
+         "bow": ((32, {}),), "transformer": ((32, {}),)}
 
 @dataclass
 class Row:
@@ -293,10 +298,10 @@ def read_status_kb(field: str) -> int:
 def bench(spec: ModelSpec, device: str = "cpu", sizes=None, repeats: int = 5,
           memory: bool = True, compile: bool = False, log=print) -> list[Row]:
     """Every route of ``spec`` at each (batch, config overrides) size (default: the model's
-    ``bench_sizes``); a table per size to ``log``, the rows returned."""
+    ``SIZES``); a table per size to ``log``, the rows returned."""
     rows: list[Row] = []
     names = route_names(spec, device, compile)
-    for batch, overrides in sizes or spec.bench_sizes:
+    for batch, overrides in sizes or SIZES[spec.name]:
         params, X, Y = make_problem(spec, batch, overrides, device)
         threads = auto_threads(batch, params) if device == "cpu" else torch.get_num_threads()
         torch.set_num_threads(threads)
