@@ -1,6 +1,6 @@
 """The learner's commands: ``exercise N --init/--check/--show-solution`` and ``plot``.
 
-``--check`` grades in a child process with a time limit (``learning.checker.check_in_child``).
+``--check`` grades in a child process with a time limit (``learning.sandbox.check_in_child``).
 """
 
 from __future__ import annotations
@@ -10,7 +10,7 @@ import math
 from pathlib import Path
 
 from ..errors import UserError
-from ..learning.checker import TIME_LIMIT_S
+from ..learning.sandbox import TIME_LIMIT_S
 
 
 def run_plot(what: argparse._SubParsersAction, name: str, help: str, made_by: str, func
@@ -77,10 +77,10 @@ def cmd_exercise(args: argparse.Namespace) -> int:
 
         print(exercises.solution_text(args.number), end="")
         return 0
-    from ..learning import checker
+    from ..learning import sandbox
 
     timeout = TIME_LIMIT_S if args.timeout is None else args.timeout
-    result = checker.check_in_child(args.number, args.check, args.input, timeout=timeout)
+    result = sandbox.check_in_child(args.number, args.check, args.input, timeout=timeout)
     if result.output:
         print(result.output, end="" if result.output.endswith("\n") else "\n")
     print(result.text)
@@ -106,12 +106,12 @@ def init_exercise(number: int, path: Path, solution: bool, force: bool) -> int:
     from ..learning import exercises
 
     if path.suffix == ".ipynb":
-        from ..learning import notebook
+        from ..learning import notebook_build
 
         if number not in exercises.LECTURE:
             raise UserError(f"exercise {number} comes as a .py file for now (notebooks are for "
                             "exercises 1 to 4); pass FILE.py")
-        notebook.write_notebook(number, path, solution=solution, force=force)
+        notebook_build.write_notebook(number, path, solution=solution, force=force)
         what = "the solved notebook" if solution else \
             "a notebook for Jupyter or Colab: fill in the cells d<name> = None"
         print(f"wrote {path}, {what}, then run its check cell; or from here:\n"
