@@ -1,25 +1,23 @@
-"""Running the learner's code: importing their file, calling their ``backward`` with autograd
-forbidden, and phrasing whatever goes wrong as a message for them (with the line it happened at),
-never as a traceback of the checker.
+"""Running the learner's code: importing their file and calling their ``backward``, both under
+``guard`` (no autograd, no shortcut to the answers), and phrasing whatever goes wrong as a message
+for them (with the line it happened at), never as a traceback of the checker.
 """
 
 from __future__ import annotations
 
 import importlib.util
-import os
 import sys
 import traceback
 import uuid
-from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from types import ModuleType
 from typing import Callable, Mapping
 
-import torch
 from torch import Tensor
 
 from ..errors import UserError
+from . import guard
 from .hints import Context, exception_hint, first_wrong_advice
 
 
@@ -32,10 +30,6 @@ class LearnerError(Exception):
     def __init__(self, message: str, partial: dict[str, Tensor] | None = None):
         super().__init__(message)
         self.partial = partial or {}
-
-
-class AutogradUsed(Exception):
-    pass
 
 
 @dataclass(frozen=True)
@@ -77,8 +71,9 @@ def load_learner(path: Path) -> ModuleType:
     module = importlib.util.module_from_spec(spec)
     sys.modules[name] = module  # dataclasses and the like look their module up here
     try:
-        with no_hard_exit():
+        with guard.guarded():
             spec.loader.exec_module(module)
+            raise_if_refused()
     except SyntaxError as e:
         text = (e.text or "").rstrip()
         raise LearnerError(f"{path}:{e.lineno}: SyntaxError: {e.msg}" +
@@ -104,8 +99,15 @@ def describe_exception(e: BaseException, code, when: str) -> str:
 
     An exit and running out of memory are one line each: the code line would not help.
     """
+    first = guard.tripped()
+    if first is not None and not isinstance(e, (RefusedHere, SyntaxError)):
+        e = RefusedHere(*first)  # what they did was refused, whatever it raised in the end
     frames = [f for f in traceback.extract_tb(e.__traceback__) if code.owns(f.filename)]
+    if isinstance(e, RefusedHere):
+        e, frames = e.refused, [f for f in e.stack if code.owns(f.filename)]
     where = code.where(frames[-1].filename, frames[-1].lineno) if frames else str(code)
+    if isinstance(e, guard.Refused):  # one line: what was refused and why
+        return f"{where}: {type(e).__name__} {when}: {e}"
     if isinstance(e, SystemExit):
         said = "" if e.code is None else f": {e.code}"
         return (f"{where}: SystemExit {when}{said} (the check needs your code to run to its end: "
@@ -149,42 +151,29 @@ def computed_so_far(e: BaseException, code) -> dict[str, Tensor]:
             if k.startswith("d") and isinstance(v, Tensor)}
 
 
-@contextmanager
-def no_hard_exit():
-    """os._exit() in the learner's file becomes a SystemExit the checker reports, not its end."""
-    def soft_exit(code=0):
-        raise SystemExit(f"os._exit({code}) was called")
+class RefusedHere(Exception):
+    """The guard refused something in the learner's code (perhaps in a thread of theirs, or caught
+    by them): the refusal and the stack it happened in."""
 
-    saved, os._exit = os._exit, soft_exit
-    try:
-        yield
-    finally:
-        os._exit = saved
+    def __init__(self, refused: guard.Refused, stack):
+        super().__init__(str(refused))
+        self.refused, self.stack = refused, stack
 
 
-@contextmanager
-def autograd_forbidden():
-    """Make any use of autograd raise: the point of the exercises is to do without it."""
-    def refuse(*args, **kwargs):
-        raise AutogradUsed("autograd was used (backward/grad or a tensor that requires grad); "
-                           "compute every gradient by hand with plain tensor ops")
-
-    saved = torch.autograd.backward, torch.autograd.grad, torch.Tensor.backward
-    torch.autograd.backward = torch.autograd.grad = torch.Tensor.backward = refuse
-    try:
-        # autograd saves tensors for backward only while it records a graph
-        with torch.autograd.graph.saved_tensors_hooks(refuse, lambda x: x):
-            yield
-    finally:
-        torch.autograd.backward, torch.autograd.grad, torch.Tensor.backward = saved
+def raise_if_refused() -> None:
+    """The learner's code ran on after a refusal (it caught it, or its thread did): refuse it."""
+    first = guard.tripped()
+    if first is not None:
+        raise RefusedHere(*first)
 
 
 def call_learner(fn: Callable, code, kwargs: dict[str, Tensor]) -> dict:
     """Call the learner's backward on copies of the inputs, so in-place edits cannot spoil ours."""
     copies = {k: v.clone() for k, v in kwargs.items()}
     try:
-        with autograd_forbidden(), no_hard_exit():
+        with guard.guarded():
             result = fn(**copies)
+            raise_if_refused()
     except (Exception, SystemExit) as e:
         raise LearnerError(describe_exception(e, code, "in backward()"),
                            computed_so_far(e, code)) from None

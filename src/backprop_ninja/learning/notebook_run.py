@@ -1,10 +1,11 @@
-"""Grading a saved notebook without Jupyter, and where a notebook's ``check`` finds its batch.
+"""Running a saved notebook's cells without Jupyter, to the answer its check cell passes.
 
-``check_notebook`` runs the code cells in order in a fresh namespace (IPython magics and shell
-lines skipped, autograd switched off) and takes the result of the check cell's own ``check``
-call. Every problem with the notebook itself (not JSON, not a notebook, a cell missing, an exit,
-a deleted name) is one line. ``Session`` holds the check batch of one data file and each
-exercise's reference on it; ``NotebookCode`` names the learner's cells in messages.
+``run_notebook`` runs the code cells in order up to the check cell in a fresh namespace, under
+``guard`` (IPython magics and shell lines skipped) and takes what the check cell's ``check`` call
+was given: the gradients (or, for exercise 4, the ``backward`` function). It grades nothing: the
+checker does (``checker``). Every problem with the notebook itself (not JSON, not a notebook, a
+cell missing, an exit, a deleted name) is one line. ``NotebookCode`` names the learner's cells in
+messages, headless and in Jupyter.
 """
 
 from __future__ import annotations
@@ -24,70 +25,20 @@ from pathlib import Path
 
 from torch import Tensor
 
-from ..checking import atomic
-from ..data import Dataset, default_data_path
-from . import exercises
-from .exercises import TITLES, check_number
-from .grading import CheckResult, Task, explain_failure
+from . import exercises, guard
 from .hints import Context, first_wrong_advice
-from .learner import LearnerError, autograd_forbidden, describe_exception, no_hard_exit, require_file
+from .learner import LearnerError, describe_exception, raise_if_refused, require_file
 from .notebook_build import META
-from .tasks import make_task
 
 BLANK_LEFT_RE = re.compile(r"^\s*d(\w+)\s*=\s*None\b")
-
-
-@dataclass
-class Session:
-    """The check batch of one data file, made once, and the reference of each exercise on it. A
-    headless run has its own (with the cells it runs); a notebook shares one per data file."""
-
-    data_path: str | None = None
-    setup: atomic.CheckSetup | None = None
-    data: Dataset | None = None
-    headless: bool = False
-    cells: NotebookCells | None = None
-    results: list[tuple[int, CheckResult]] = field(default_factory=list)
-    tasks: dict[int, Task] = field(default_factory=dict)
-
-    def check_setup(self) -> atomic.CheckSetup:
-        if self.setup is None:
-            self.setup = atomic.lecture_check_setup(self.data_path)
-        return self.setup
-
-    def dataset(self) -> Dataset:
-        if self.data is None:
-            self.data = Dataset.load(self.data_path or default_data_path())
-        return self.data
-
-    def task(self, number: int) -> Task:
-        if number not in self.tasks:
-            self.tasks[number] = make_task(number, self.check_setup())
-        return self.tasks[number]
-
-    def code(self, fn) -> NotebookCode:
-        return NotebookCode(self.cells, fn)
-
-
-SESSIONS: dict[str | None, Session] = {}
-
-
-HEADLESS: list[Session] = []  # the session of the headless run under way, if one is
-
-
-def session(data_path: str | Path | None) -> Session:
-    if HEADLESS and data_path is None:
-        return HEADLESS[-1]
-    key = None if data_path is None else str(data_path)
-    return SESSIONS.setdefault(key, Session(key))
 
 
 @dataclass
 class NotebookCode:
     """The learner's code in a notebook, as messages name it. Headless, the cells carry names
     (``ex1.ipynb, cell 12 (dprobs)``); in Jupyter, a frame is the learner's when it is not the
-    library's, and IPython names its cell. ``fn``: the function being graded, whose source shows
-    which blanks are left."""
+    library's, and IPython names its cell. ``fn``: the function being graded in Jupyter, whose
+    source shows which blanks are left (headless: its cell's source)."""
 
     cells: NotebookCells | None
     fn: object = None
@@ -107,13 +58,16 @@ class NotebookCode:
     def advice(self, name: str, ctx: Context, names: tuple[str, ...], alternatives) -> str:
         if name not in ctx.got or ctx.got[name] is not None:
             return first_wrong_advice(name, ctx, None, alternatives)
-        left = self.function_blanks() if self.fn else self.cell_blanks(ctx, names)
+        left = self.function_blanks() if self.graded_function() else self.cell_blanks(ctx, names)
         if name not in left:
             return f"d{name} is None: it must be a tensor of {name}'s shape"
         first = next(iter(left))
         text = f"d{name} is still None: fill in {left[name][0]}"
         return text if first == name else \
             f"{text}, after the first blank above it, d{first}{left[first][1]}"
+
+    def graded_function(self) -> bool:
+        return self.fn is not None or bool(self.cells and self.cells.backward_source)
 
     def cell_blanks(self, ctx: Context, names: tuple[str, ...]) -> dict[str, tuple[str, str]]:
         """The gradients passed as None, in backward order (the cells' order): how to name the
@@ -125,11 +79,15 @@ class NotebookCode:
 
     def function_blanks(self) -> dict[str, tuple[str, str]]:
         """The ``d<name> = None`` lines left in the graded function, in order, and where."""
-        try:
-            lines, start = inspect.getsourcelines(self.fn)
-            filename = self.fn.__code__.co_filename
-        except (OSError, TypeError, AttributeError):
-            return {}
+        if self.fn is None:
+            k = self.cells.blanks["backward"]
+            lines, start, filename = self.cells.backward_source.splitlines(), 1, self.cells.label(k)
+        else:
+            try:
+                lines, start = inspect.getsourcelines(self.fn)
+                filename = self.fn.__code__.co_filename
+            except (OSError, TypeError, AttributeError):
+                return {}
         left: dict[str, tuple[str, str]] = {}
         for i, line in enumerate(lines):
             match = BLANK_LEFT_RE.match(line)
@@ -153,6 +111,8 @@ def ipython_cell(filename: str) -> str:
     try:
         from IPython import get_ipython
 
+        if filename.startswith("Cell In["):  # a cell the check ran again, named so
+            return filename
         return f"Cell In[{get_ipython().compile._filename_map[filename]}]"
     except Exception:  # no IPython, no shell, or a version that keeps no such map
         return "your cell"
@@ -166,6 +126,7 @@ class NotebookCells:
     setup: int
     check: int
     blanks: dict[str, int]      # d<name> (or "backward", exercise 4) -> its cell
+    backward_source: str = ""   # exercise 4: the backward cell's code, for the blanks left in it
 
     @property
     def prefix(self) -> str:
@@ -178,22 +139,86 @@ class NotebookCells:
         return f"{self.prefix}{k}" + (f" ({names[k]})" if k in names else "")
 
 
-def check_notebook(number: int, path: str | Path, data_path: str | Path | None = None,
-                   setup: atomic.CheckSetup | None = None,
-                   data: Dataset | None = None) -> CheckResult:
-    """Grade a saved notebook as its check cell would in Jupyter: run its code cells in order up
-    to the check cell, in a fresh namespace, and return what that cell's ``check`` gave."""
-    check_number(number)
+@dataclass
+class HeadlessRun:
+    """A headless run under way: the inputs its ``exercise_inputs`` gives (the checker's), and
+    what its cells passed to ``check``."""
+
+    number: int
+    inputs: dict[str, Tensor]
+    results: list[tuple[int, object]] = field(default_factory=list)
+
+
+HEADLESS: list[HeadlessRun] = []  # the headless run under way, if one is
+
+
+def current_run() -> HeadlessRun | None:
+    return HEADLESS[-1] if HEADLESS else None
+
+
+@contextmanager
+def headless(run: HeadlessRun):
+    """``check`` and ``exercise_inputs`` serve ``run`` meanwhile: check() records, not grades."""
+    HEADLESS.append(run)
+    try:
+        yield run
+    finally:
+        HEADLESS.pop()
+
+
+def open_notebook(number: int, path: str | Path):
+    """The notebook and its cells, or a LearnerError saying in one line what is wrong with it."""
     path = Path(path)
     require_file(path)
+    nb = read_notebook(path, number)
+    return nb, find_cells(nb, number, path)
+
+
+def run_notebook(number: int, path: str | Path, inputs: dict[str, Tensor],
+                 names: tuple[str, ...]) -> tuple[object, NotebookCode]:
+    """Run the notebook's cells as Jupyter would, up to its check cell, and return what that cell
+    passed to ``check`` (the gradients, or exercise 4's function) and the code, as messages name
+    it. The learner's errors raise LearnerError, with the gradients computed by then."""
+    nb, cells = open_notebook(number, path)
+    code = NotebookCode(cells)
+    namespace = {"__name__": "__main__", "__builtins__": builtins, "display": display_function()}
+    run = HeadlessRun(number, inputs)
+    with headless(run):
+        for k, cell in enumerate(nb.cells[:cells.check], 1):
+            if cell.cell_type != "code":
+                continue
+            if k == cells.check:
+                check_names(cell.source, namespace, cells.label(k))
+            done = len(run.results)
+            run_cell(cell.source, cells.label(k), namespace, code, names if number != 4 else ())
+            if k == cells.check:
+                return check_cell_result(run.results[done:], number, cells.label(k)), code
+    raise AssertionError("find_cells found the check cell")
+
+
+def run_cell(source: str, label: str, namespace: dict, code: NotebookCode,
+             names: tuple[str, ...]) -> None:
+    """One cell under its label (linecache keeps its source, for tracebacks and inspect), under
+    the guard; an error is a LearnerError with the gradients ``names`` computed by then."""
+    text = without_magics(source)
+    linecache.cache[label] = (len(text), None, text.splitlines(True), label)
     try:
-        nb = read_notebook(path, number)
-        cells = find_cells(nb, number, path)
-        s = Session(None if data_path is None else str(data_path), setup, data, headless=True,
-                    cells=cells)
-        return run_cells(nb, number, cells, s)
-    except LearnerError as e:
-        return CheckResult(f"{TITLES[number]}\n{e}", False)
+        compiled = compile(text, label, "exec")
+    except SyntaxError as e:
+        line = f"\n    {e.text.strip()}" if e.text and e.text.strip() else ""
+        raise LearnerError(f"{label}, line {e.lineno}: SyntaxError: {e.msg}{line}") from None
+    try:
+        with guard.guarded():
+            exec(compiled, namespace)
+            raise_if_refused()
+    except (Exception, SystemExit) as e:
+        raise LearnerError(describe_exception(e, code, "while running the cell"),
+                           computed_in(namespace, names)) from None
+
+
+def computed_in(namespace: dict, names: tuple[str, ...]) -> dict[str, Tensor]:
+    """The gradients the cells above had computed, for the advice when a cell raises."""
+    return {n: namespace[f"d{n}"] for n in names if isinstance(namespace.get(f"d{n}"), Tensor)}
 
 
 def read_notebook(path: Path, number: int):
@@ -249,7 +274,9 @@ def find_cells(nb, number: int, path: Path) -> NotebookCells:
                            f"from a new notebook: backprop-ninja exercise {number} --init "
                            "NEW.ipynb")
     missing_cell("check", found, path, f"the one that calls check({number}, ...)", number)
-    return NotebookCells(path, found["setup"], found["check"], {n: found[n] for n in wanted})
+    source = without_magics(nb.cells[found["backward"] - 1].source) if number == 4 else ""
+    return NotebookCells(path, found["setup"], found["check"], {n: found[n] for n in wanted},
+                         source)
 
 
 def missing_cell(role: str, found: dict[str, int], path: Path, what: str, number: int) -> None:
@@ -275,51 +302,6 @@ def cell_roles(cell, number: int, wanted: list[str]) -> list[str]:
         roles.append("backward")
     roles += [n for n in wanted if re.search(rf"^{n}\b[^=\n]*[-+*/]?=(?!=)", source, re.M)]
     return [r for r in roles if r]
-
-
-def run_cells(nb, number: int, cells: NotebookCells, s: Session) -> CheckResult:
-    """Run the code cells up to the check cell in one fresh namespace, autograd off outside the
-    check cell, then the check cell; its check() call is the result."""
-    namespace = {"__name__": "__main__", "__builtins__": builtins, "display": display_function()}
-    with headless(s):
-        task = s.task(number)  # the reference first: autograd is off in the learner's cells
-        for k, cell in enumerate(nb.cells[:cells.check], 1):
-            if cell.cell_type != "code":
-                continue
-            if k == cells.check:
-                check_names(cell.source, namespace, cells.label(k))
-                done = len(s.results)
-                run_cell(cell.source, cells.label(k), namespace, number, task, s)
-                return check_cell_result(s.results[done:], number, cells.label(k))
-            with autograd_forbidden():
-                run_cell(cell.source, cells.label(k), namespace, number, task, s)
-    raise AssertionError("find_cells found the check cell")
-
-
-def run_cell(source: str, label: str, namespace: dict, number: int, task: Task,
-             s: Session) -> None:
-    """One cell under its label (linecache keeps its source, for tracebacks and inspect)."""
-    text = without_magics(source)
-    linecache.cache[label] = (len(text), None, text.splitlines(True), label)
-    try:
-        compiled = compile(text, label, "exec")
-    except SyntaxError as e:
-        line = f"\n    {e.text.strip()}" if e.text and e.text.strip() else ""
-        raise LearnerError(f"{label}, line {e.lineno}: SyntaxError: {e.msg}{line}") from None
-    try:
-        with no_hard_exit():
-            exec(compiled, namespace)
-    except (Exception, SystemExit) as e:
-        code_ = s.code(None)
-        error = LearnerError(describe_exception(e, code_, "while running the cell"),
-                             computed_in(namespace, task) if number != 4 else {})
-        raise explain_failure(error, task, code_) from None
-
-
-def computed_in(namespace: dict, task: Task) -> dict[str, Tensor]:
-    """The gradients the cells above had computed, for the advice when a cell raises."""
-    return {n: namespace[f"d{n}"] for n in task.names
-            if isinstance(namespace.get(f"d{n}"), Tensor)}
 
 
 def without_magics(source: str) -> str:
@@ -360,15 +342,14 @@ def is_the_check(fn) -> bool:
         getattr(fn, "__name__", None) == "check"
 
 
-def check_cell_result(results: list[tuple[int, CheckResult]], number: int,
-                      label: str) -> CheckResult:
+def check_cell_result(results: list[tuple[int, object]], number: int, label: str) -> object:
     if not results:
         raise LearnerError(f"{label}: the check cell did not call check({number}, ...)")
-    called, result = results[-1]
+    called, answer = results[-1]
     if called != number:
         raise LearnerError(f"{label}: the check cell grades exercise {called}, but this is "
                            f"exercise {number}'s check")
-    return result
+    return answer
 
 
 def display_function():
@@ -379,13 +360,3 @@ def display_function():
     except ImportError:
         return print
     return display
-
-
-@contextmanager
-def headless(s: Session):
-    """``check`` and ``exercise_inputs`` use ``s`` meanwhile, and check() records, not shows."""
-    HEADLESS.append(s)
-    try:
-        yield s
-    finally:
-        HEADLESS.pop()

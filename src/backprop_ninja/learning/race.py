@@ -2,6 +2,11 @@
 steps, and its loss is compared with the same run on the model's own gradients (same start, same
 batches, the project's one SGD update, ``training.optim``).
 
+It has two sides. ``learner_run`` calls the learner's backward at every step of their run and
+keeps the gradients it returned (in the check's child process, or in this one); ``replay``, the
+checker's side, replays that run from the same start with those gradients, measures each step's
+loss itself and runs the reference beside it. The verdict is the replay's.
+
 Dimension letters: n batch, T block_size, E n_embd, H n_hidden, V vocab size.
 """
 
@@ -9,34 +14,80 @@ from __future__ import annotations
 
 from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Callable
+from typing import Callable, Mapping
 
 import torch
 from torch import Tensor
 
-from ..checking import atomic
 from ..data import Dataset
 from ..models import mlp
 from ..models.base import Params, loss_and_grads
 from ..training.optim import SGD, FlatParams, OptimConfig
-from .grading import Grade, Task, call_and_grade
 from .learner import LearnerError, call_learner
-from .tasks import exercise4_forward
+
+PLAIN_SGD = OptimConfig("sgd")
+TOLERANCE = 0.05
 
 
-def grade_function(number: int, fn: Callable, code, task: Task, setup: atomic.CheckSetup,
-                   data: Dataset | None) -> Grade:
-    """Call the learner's backward on the check batch and grade it; for exercise 4, then train
-    with it."""
-    g = call_and_grade(task, fn, code)
-    if number == 4:
-        if not g.ok:
-            g.messages.append("the training run waits until every gradient above is right")
-            return g
-        race = train_race(fn, code, data, setup.cfg)
-        g.extra_ok = race.ok
-        g.messages.append(race.text())
-    return g
+def exercise4_forward(p: Params, Xb: Tensor, Yb: Tensor) -> dict[str, Tensor]:
+    """The intermediates of the model's training forward, by the names exercise 4's starter
+    file uses (a test keeps that file's forward in step with this)."""
+    r = mlp.forward(p, Xb, Yb)
+    bn, embcat = r.cache.bn, r.cache.lin1.x
+    return dict(emb=embcat.view(r.cache.emb_shape), embcat=embcat, hprebn=r.acts["hprebn"],
+                bnmean=bn.stats.mean, bnvar=bn.stats.var, bnvar_inv=bn.var_inv, bnraw=bn.xhat,
+                hpreact=r.acts["hpreact"], h=r.acts["h"], logits=r.logits, loss=r.loss)
+
+
+@dataclass
+class TrainingPlan:
+    """The run both sides train: the start, the batches (``steps`` x n x T and ``steps`` x n) and
+    the learning rate."""
+
+    init: dict[str, Tensor]
+    X: Tensor
+    Y: Tensor
+    lr: float = 0.1
+
+    @property
+    def steps(self) -> int:
+        return self.X.shape[0]
+
+
+def make_plan(data: Dataset, check_cfg: mlp.Config, steps: int = 500, lr: float = 0.1,
+              batch_size: int = 32, seed: int = 1) -> TrainingPlan:
+    Xtr, Ytr = data.splits["train"]
+    cfg = mlp.Config(data.vocab.size, check_cfg.block_size, check_cfg.n_embd, check_cfg.n_hidden)
+    g = torch.Generator().manual_seed(seed)
+    ix = torch.stack([torch.randint(0, Xtr.shape[0], (batch_size,), generator=g)
+                      for _ in range(steps)])
+    init = mlp.init(cfg, torch.Generator().manual_seed(mlp.LECTURE_SEED))
+    return TrainingPlan(init, Xtr[ix], Ytr[ix], lr)
+
+
+def complete(gradients: Mapping, params: Mapping[str, Tensor]) -> bool:
+    """Whether ``gradients`` has a floating tensor of each parameter's shape: worth training."""
+    return all(isinstance(gradients.get(name), Tensor) and gradients[name].is_floating_point()
+               and gradients[name].shape == p.shape for name, p in params.items())
+
+
+def learner_run(fn: Callable, code, plan: TrainingPlan) -> dict[str, Tensor]:
+    """Train with the learner's backward; each step's gradients, stacked by parameter. Their
+    error (or a gradient of the wrong shape) raises LearnerError."""
+    mine = FlatParams(plan.init)
+    steps: list[dict[str, Tensor]] = []
+    with single_thread():
+        for X, Y in zip(plan.X, plan.Y):
+            values = exercise4_forward(mine.params, X, Y)
+            grads = call_learner(fn, code, {"Xb": X, "Yb": Y, **mine.params, **values})
+            for name, p in mine.params.items():
+                if not isinstance(grads.get(name), Tensor) or grads[name].shape != p.shape:
+                    raise LearnerError(f"during training, backward() returned no gradient of "
+                                       f"{name}'s shape {list(p.shape)} on a batch other than "
+                                       "the check's")
+            sgd_step(mine, grads, plan.lr)
+            steps.append({name: grads[name].detach().to(p.dtype) for name, p in plan.init.items()})
+    return {name: torch.stack([s[name] for s in steps]) for name in plan.init}
 
 
 @dataclass
@@ -69,36 +120,26 @@ class Race:
         return "\n".join(lines)
 
 
-def train_race(fn: Callable, code, data: Dataset, check_cfg: mlp.Config,
-               steps: int = 500, lr: float = 0.1, batch_size: int = 32, seed: int = 1,
-               tolerance: float = 0.05) -> Race:
-    """The same SGD run twice from the same start on the same batches: learner's grads, model's."""
-    Xtr, Ytr = data.splits["train"]
-    cfg = mlp.Config(data.vocab.size, check_cfg.block_size, check_cfg.n_embd, check_cfg.n_hidden)
-    g = torch.Generator().manual_seed(seed)
-    batches = [torch.randint(0, Xtr.shape[0], (batch_size,), generator=g) for _ in range(steps)]
-    mine, ref = (FlatParams(mlp.init(cfg, torch.Generator().manual_seed(mlp.LECTURE_SEED)))
-                 for _ in range(2))
+def replay(plan: TrainingPlan, training: Mapping[str, Tensor],
+           tolerance: float = TOLERANCE) -> Race:
+    """The learner's run again from the plan's start with the gradients they sent, the loss of
+    each step measured here, beside the same run on the model's own gradients."""
+    for name, p in plan.init.items():
+        got = training.get(name)
+        if not isinstance(got, Tensor) or not got.is_floating_point() or \
+                tuple(got.shape) != (plan.steps, *p.shape):
+            raise LearnerError(f"the training run sent back no gradients of {name} for its "
+                               f"{plan.steps} steps")
+    mine, ref = FlatParams(plan.init), FlatParams(plan.init)
     mine_losses, ref_losses = [], []
     with single_thread():
-        for ix in batches:
-            step_both(fn, code, mine, ref, Xtr[ix], Ytr[ix], lr, mine_losses, ref_losses)
-    return Race(steps, mine_losses, ref_losses, tolerance)
-
-
-def step_both(fn: Callable, code, mine: FlatParams, ref: FlatParams, X: Tensor, Y: Tensor,
-              lr: float, mine_losses: list[float], ref_losses: list[float]) -> None:
-    values = exercise4_forward(mine.params, X, Y)
-    grads = call_learner(fn, code, {"Xb": X, "Yb": Y, **mine.params, **values})
-    for name, p in mine.params.items():
-        if not isinstance(grads.get(name), Tensor) or grads[name].shape != p.shape:
-            raise LearnerError(f"during training, backward() returned no gradient of {name}'s "
-                               f"shape {list(p.shape)} on a batch other than the check's")
-    sgd_step(mine, grads, lr)
-    mine_losses.append(values["loss"].item())
-    loss, ref_grads = loss_and_grads(mlp.SPEC, ref.params, X, Y)
-    sgd_step(ref, ref_grads, lr)
-    ref_losses.append(loss.item())
+        for step, (X, Y) in enumerate(zip(plan.X, plan.Y)):
+            mine_losses.append(mlp.forward(mine.params, X, Y).loss.item())
+            sgd_step(mine, {name: g[step] for name, g in training.items()}, plan.lr)
+            loss, ref_grads = loss_and_grads(mlp.SPEC, ref.params, X, Y)
+            sgd_step(ref, ref_grads, plan.lr)
+            ref_losses.append(loss.item())
+    return Race(plan.steps, mine_losses, ref_losses, tolerance)
 
 
 def sgd_step(buffers: FlatParams, grads: Params, lr: float) -> None:
@@ -106,9 +147,6 @@ def sgd_step(buffers: FlatParams, grads: Params, lr: float) -> None:
     for name, g in buffers.grads.items():
         g.copy_(grads[name])
     SGD(buffers, PLAIN_SGD).step(lr)
-
-
-PLAIN_SGD = OptimConfig("sgd")
 
 
 @contextmanager

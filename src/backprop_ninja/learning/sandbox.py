@@ -1,14 +1,23 @@
-"""The command's check in a child process that cannot hang, crash or swamp the checker: a time
-limit, a memory limit where the OS allows one, the learner's prints captured and cut short, and
-anything that ends the child early reported as one line.
+"""The command's check: the learner's code runs in a child process that cannot hang, crash,
+swamp or fool the checker, and the checker grades what it sends back.
+
+The child (``child``) gets its request on a pipe, runs the learner's file under the guard with a
+time limit and, on Linux, a memory limit, and writes the tensors their code computed to a file;
+this side loads them safely (safetensors, no pickle) and grades them itself (``checker``). The
+child's prints are captured and cut short. A timeout, a crash, a kill, an answer missing or
+malformed is one line naming the learner's file (and the line running then, when known).
+
+A nanny process stands between the checker and the child, in a session of their own: the
+learner's code that signals its parent hits the nanny, and the checker, which sees the nanny
+die without reporting, says so in one line. The time limit ends the whole session.
 """
 
 from __future__ import annotations
 
-import faulthandler
 import json
 import os
 import re
+import secrets
 import signal
 import subprocess
 import sys
@@ -17,12 +26,14 @@ import threading
 from dataclasses import dataclass
 from pathlib import Path
 
-from ..errors import UserError
-from . import learner
-from .checker import check
-from .exercises import TITLES, check_number
+import torch
+
+from .answer import Unreadable, load_answer
+from .checker import Problem, grade_answer, prepare
+from .child import CHILD_SCRIPT
+from .exercises import TITLES
 from .grading import CheckResult
-from .learner import require_file, same_file
+from .learner import LearnerError, same_file
 
 TIME_LIMIT_S = 60.0
 # how much memory the learner's code may map beyond what the child has mapped once torch and the
@@ -30,9 +41,14 @@ TIME_LIMIT_S = 60.0
 MEMORY_HEADROOM = 4 * 2**30
 OUTPUT_LIMIT = 8_000  # bytes of the learner's prints shown; the rest is counted, not kept
 KILL_GRACE_S = 20.0   # past the time limit: for starting Python and torch, and for the dump
-CHILD_SCRIPT = ("import sys\n"
-                "from backprop_ninja.learning.sandbox import child_main\n"
-                "sys.exit(child_main(sys.argv[1]))\n")
+# the nanny: starts the child, waits for it and reports its exit status and peak memory on a pipe
+# the child never holds
+NANNY_SCRIPT = ("import os, subprocess, sys\n"
+                "status, request = int(sys.argv[1]), int(sys.argv[2])\n"
+                "child = subprocess.Popen(sys.argv[3:], pass_fds=(request,))\n"
+                "os.close(request)\n"
+                "_, code, usage = os.wait4(child.pid, 0)\n"
+                "os.write(status, f'{os.waitstatus_to_exitcode(code)} {usage.ru_maxrss}'.encode())\n")
 FRAME_RE = re.compile(r'^\s*File "(.*)", line (\d+) in ')
 SIGNALS = {
     "SIGSEGV": "a segmentation fault",
@@ -45,45 +61,83 @@ SIGNALS = {
 
 @dataclass
 class ChildRun:
-    returncode: int
-    killed: bool       # by us, past the time limit and the grace
-    output: bytes      # the first OUTPUT_LIMIT bytes of what the child printed
-    cut: int           # how many more bytes it printed
+    returncode: int | None  # the child's; None when the nanny died before it could tell
+    killed: bool            # by us, past the time limit and the grace
+    output: bytes           # the first OUTPUT_LIMIT bytes of what the child printed
+    cut: int                # how many more bytes it printed
+    peak: int = 0           # the child's peak resident memory, bytes
 
 
 def check_in_child(number: int, path: str | Path, data_path: str | Path | None = None,
                    timeout: float = TIME_LIMIT_S,
                    memory: int | None = MEMORY_HEADROOM) -> CheckResult:
-    """``check`` run in a child process with a time limit and (where the OS allows) a memory
-    limit, the learner's prints captured and cut short. A timeout, a crash, a kill or the child
-    running out of memory comes back as one line naming the learner's file (and the line running
-    then, when known); a normal run gives exactly ``check``'s text."""
-    check_number(number)
-    path = Path(path)
-    require_file(path)
+    """The learner's side of ``checker.check`` in a child process, graded here. A normal run
+    gives exactly ``check``'s text; anything else one line."""
+    try:
+        problem = prepare(number, path, data_path)
+    except LearnerError as e:
+        return CheckResult(f"{TITLES[number]}\n{e}", False)
     with tempfile.TemporaryDirectory(prefix="backprop-ninja-check-") as tmp:
-        result_file, trace_file = Path(tmp) / "result.json", Path(tmp) / "trace.txt"
-        request = {"number": number, "path": str(path), "timeout": timeout, "memory": memory,
-                   "data": None if data_path is None else str(data_path),
-                   "result": str(result_file), "trace": str(trace_file)}
+        tmp = Path(tmp)
+        request = {"number": number, "path": str(problem.path), "timeout": timeout,
+                   "memory": memory, "names": list(problem.task.names),
+                   "inputs": str(write_inputs(problem, tmp / "inputs.safetensors")),
+                   "result": str(tmp / secrets.token_hex(8) / "answer.safetensors"),
+                   "trace": str(tmp / "trace.txt"), "token": secrets.token_hex(16)}
+        Path(request["result"]).parent.mkdir()
         run = run_child(request, timeout + KILL_GRACE_S)
         output = shown_output(run)
-        if result_file.is_file():
-            answer = json.loads(result_file.read_text())
-            if "user_error" in answer:
-                raise UserError(answer["user_error"])
-            return CheckResult(answer["text"], answer["ok"], output=output)
+        trace_file = Path(request["trace"])
         trace = trace_file.read_text(errors="replace") if trace_file.is_file() else ""
-        return CheckResult(failure_line(run, request, trace), False, output=output)
+        if run.killed or run.returncode != 0:
+            return CheckResult(failure_line(run, request, trace, memory), False, output=output)
+        try:
+            answer = load_answer(Path(request["result"]), request["token"], problem.task.names)
+        except Unreadable as e:
+            return CheckResult(f"{problem.path}: the check's child process ended without an "
+                               f"answer the checker can read: {e}", False, output=output)
+    result = grade_answer(problem, answer)
+    result.output = output
+    return result
+
+
+def write_inputs(problem: Problem, path: Path) -> Path:
+    """What the learner's backward gets and exercise 4's training plan, for the child."""
+    from safetensors.torch import save_file
+
+    tensors = {f"input/{k}": own(v) for k, v in problem.task.inputs.items()}
+    metadata = {}
+    if problem.plan is not None:
+        tensors.update({f"init/{k}": own(v) for k, v in problem.plan.init.items()})
+        tensors.update({"plan/X": own(problem.plan.X), "plan/Y": own(problem.plan.Y)})
+        metadata["lr"] = repr(problem.plan.lr)
+    save_file(tensors, str(path), metadata=metadata)
+    return path
+
+
+def own(t):
+    """A tensor with memory of its own (safetensors refuses views of one another)."""
+    return t.detach().clone(memory_format=torch.contiguous_format)
 
 
 def run_child(request: dict, deadline: float) -> ChildRun:
-    """Start the child in a session of its own (so anything it starts goes down with it), read
-    its output as it comes (a full pipe would block it), and kill it past ``deadline``."""
-    proc = subprocess.Popen([sys.executable, "-c", CHILD_SCRIPT, json.dumps(request)],
-                            stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
-                            stderr=subprocess.STDOUT, env=child_environment(),
-                            start_new_session=os.name == "posix")
+    """Start the nanny and through it the child, in a session of their own (so anything they
+    start goes down with them); read the output as it comes (a full pipe would block it), send
+    the request, and end the session past ``deadline``."""
+    request_r, request_w = os.pipe()
+    status_r, status_w = os.pipe()
+    command = [sys.executable, "-c", NANNY_SCRIPT, str(status_w), str(request_r),
+               sys.executable, "-c", CHILD_SCRIPT, str(request_r)]
+    try:
+        proc = subprocess.Popen(command, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+                                stderr=subprocess.STDOUT, env=child_environment(),
+                                pass_fds=(request_r, status_w),
+                                start_new_session=os.name == "posix")
+    finally:
+        os.close(request_r)
+        os.close(status_w)
+    with os.fdopen(request_w, "wb") as pipe:
+        pipe.write(json.dumps(request).encode("utf-8"))
     reader = OutputReader(proc.stdout)
     killed = False
     try:
@@ -93,7 +147,10 @@ def run_child(request: dict, deadline: float) -> ChildRun:
     finally:
         end_process_group(proc)
     reader.join()
-    return ChildRun(proc.returncode, killed, bytes(reader.head), reader.cut)
+    with os.fdopen(status_r, "rb") as pipe:
+        status = pipe.read().decode("ascii", errors="replace").split()
+    returncode, peak = (int(status[0]), int(status[1]) * 1024) if len(status) == 2 else (None, 0)
+    return ChildRun(returncode, killed, bytes(reader.head), reader.cut, peak)
 
 
 def child_environment() -> dict[str, str]:
@@ -151,17 +208,23 @@ def megabytes(n: int) -> str:
     return f"{n / 1e6:.1f} MB" if n >= 100_000 else f"{n:,} bytes"
 
 
-def failure_line(run: ChildRun, request: dict, trace: str) -> str:
-    """One line for a child that gave no result: why, and where in the learner's code."""
+def failure_line(run: ChildRun, request: dict, trace: str, memory: int | None) -> str:
+    """One line for a child that gave no answer: why, and where in the learner's code."""
     where = learner_location(trace, request["path"])
     if run.killed or "Timeout (" in trace:
         return (f"{where}: stopped after {request['timeout']:g} s (the time limit; --timeout to "
                 "change it): look for a loop that never ends")
+    if run.returncode is None:
+        return (f"{where}: your code killed the process that ran it (a signal to its parent?); "
+                "the check survived it, but your code must not signal other processes")
     output = run.output.decode("utf-8", errors="replace")
-    if run.returncode == -getattr(signal, "SIGKILL", 9) or run.returncode < 0 and \
-            "bad_alloc" in output:
-        return (f"{where}: the check was killed (out of memory, or from outside): look for a "
-                "tensor far bigger than the batch's, or one that grows in a loop")
+    if run.returncode < 0 and ("bad_alloc" in output or memory and run.peak >= memory):
+        return (f"{where}: the check ran out of memory (your code used "
+                f"{run.peak / 2**30:.2g} GiB): look for a tensor far bigger than the batch's, or "
+                "one that grows in a loop")
+    if run.returncode == -getattr(signal, "SIGKILL", 9):
+        return (f"{where}: the check was killed by signal 9 (SIGKILL), from outside the checker "
+                "or by your code (os.kill?)")
     if run.returncode < 0:
         name = signal.Signals(-run.returncode).name
         what = SIGNALS.get(name, "a signal")
@@ -186,43 +249,3 @@ def learner_location(trace: str, path: str) -> str:
         if same_file(filename, Path(path)):
             return f"{path}:{lineno}"
     return path
-
-
-def child_main(argument: str) -> int:
-    """The child's side: set the limits, grade, and leave the result in a file (the learner's
-    code owns stdout and stderr)."""
-    request = json.loads(argument)
-    if request["memory"]:
-        limit_memory(request["memory"])
-    trace = open(request["trace"], "w")
-    faulthandler.enable(file=trace)
-    faulthandler.dump_traceback_later(request["timeout"], exit=True, file=trace)
-    try:
-        result = check(request["number"], request["path"], request["data"])
-        answer = {"text": result.text, "ok": result.ok}
-    except UserError as e:
-        answer = {"user_error": str(e)}
-    except MemoryError:
-        answer = {"text": f"{TITLES[request['number']]}\n{request['path']}: ran out of memory"
-                          f"{learner.MEMORY_NOTE}: look for a tensor far bigger than the batch's",
-                  "ok": False}
-    faulthandler.cancel_dump_traceback_later()
-    Path(request["result"]).write_text(json.dumps(answer))
-    return 0
-
-
-def limit_memory(headroom: int) -> None:
-    """Cap the address space at what is mapped now plus ``headroom``, where the OS tells the
-    first and enforces the second (Linux): a runaway allocation in the learner's code then fails
-    as an error the checker reports, instead of swapping the machine or waking the OOM killer."""
-    try:
-        import resource
-
-        mapped = int(Path("/proc/self/statm").read_text().split()[0]) * os.sysconf("SC_PAGE_SIZE")
-        _, hard = resource.getrlimit(resource.RLIMIT_AS)
-        limit = mapped + headroom
-        resource.setrlimit(resource.RLIMIT_AS,
-                           (limit if hard == resource.RLIM_INFINITY else min(limit, hard), hard))
-    except (ImportError, OSError, ValueError):
-        return
-    learner.MEMORY_NOTE = f" (the check lets your code use {headroom / 2**30:.3g} GiB)"
