@@ -89,9 +89,10 @@ def test_cheat_is_refused_in_one_line(cheat, tmp_path, capsys):
     assert out[1].startswith(f"{path}:{line}: {words}"), out
 
 
-def test_a_forged_result_and_a_kill_is_not_a_pass(tmp_path, capsys):
+def test_a_forged_result_and_a_kill_is_not_a_pass(tmp_path, capsys, monkeypatch):
     """The child once left a verdict in result.json, whose path was in its argv; the checker
     trusted the file whenever it existed."""
+    monkeypatch.chdir(tmp_path)  # what it writes lands here
     path = tmp_path / "mine.py"
     path.write_text('''\
 import json

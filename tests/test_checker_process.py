@@ -74,11 +74,11 @@ def test_endless_loop_in_a_file_stops_at_the_time_limit(tmp_path, capsys):
 
 
 def test_endless_loop_in_a_notebook_cell_stops_at_the_time_limit(tmp_path, capsys):
-    path = notebook_with(tmp_path, 2, "dlogits", "x = 0\nwhile True:\n    x += 1")
+    path = notebook_with(tmp_path, 2, "dlogits", "x = 0\nwhile True: x += 1")  # one line: see above
     code, out = cli(capsys, "2", "--check", str(path), "--timeout", str(TIMEOUT))
     assert code == 1 and out.count("\n") == 1
     assert out.startswith(f"{path}, cell ")
-    assert f"(dlogits), line 3: stopped after {TIMEOUT} s (the time limit" in out
+    assert f"(dlogits), line 2: stopped after {TIMEOUT} s (the time limit" in out
 
 
 @pytest.mark.parametrize("text, line, words", [

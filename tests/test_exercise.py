@@ -444,3 +444,36 @@ def test_os_exit_does_not_end_the_checker(tmp_path, capsys):
     in_backward = write(tmp_path, "import os\n\ndef backward(logits, Yb):\n    os._exit(0)\n", "in_call.py")
     code, out = cli_check(2, in_backward, capsys)
     assert code == 1 and "in_call.py:4: SystemExit in backward()" in out
+
+
+# ---------------------------------------------------------------------------------------------
+# what --init writes and --check loads agree; another exercise's file; running without torch
+
+def test_init_refuses_what_check_cannot_load(tmp_path, capsys):
+    path = tmp_path / "ex1.txt"
+    assert main(["exercise", "1", "--init", str(path)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.count("\n") == 0 and ".py file or a .ipynb notebook" in err and not path.exists()
+    path.write_text(exercises.solution_text(1))
+    assert main(["exercise", "1", "--check", str(path)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.count("\n") == 0 and "are .py (a Python file) or .ipynb (a notebook)" in err
+
+
+def test_another_exercises_file_is_named(tmp_path, capsys):
+    path = write(tmp_path, exercises.starter_text(1), "ex1.py")
+    code, out = cli_check(2, path, capsys)
+    assert code == 1 and out.splitlines()[1:] == [
+        f"{path} is exercise 1's file (its backward takes exercise 1's arguments); check it "
+        f"with: backprop-ninja exercise 1 --check {path}"]
+
+
+@pytest.mark.parametrize("number", [1, 3])
+def test_running_the_starter_without_torch_says_how(number, tmp_path):
+    """python -S: a Python without the project's packages, as the system's usually is."""
+    path = tmp_path / f"ex{number}.py"
+    path.write_text(exercises.starter_text(number))
+    proc = subprocess.run([sys.executable, "-S", str(path)], capture_output=True, text=True,
+                          timeout=60)
+    assert proc.returncode == 1 and "Traceback" not in proc.stderr, proc.stderr
+    assert f".venv/bin/backprop-ninja exercise {number} --check {path}" in proc.stderr

@@ -167,7 +167,7 @@ def execute(nb, km):
     return output.data
 
 
-@pytest.mark.parametrize("number", [1, 2, 3, 4])
+@pytest.mark.parametrize("number", [1, 2, 3, 4, 5, 6, 7, 8])
 def test_solved_notebook_passes_in_a_kernel(number, kernel):
     data = execute(notebook_build.notebook(number, solution=True), kernel)
     assert data["text/plain"].endswith("all correct: well done"), data["text/plain"]
@@ -178,7 +178,7 @@ def test_solved_notebook_passes_in_a_kernel(number, kernel):
 
 @pytest.mark.parametrize("number, first, where", [
     (1, "dlogprobs", "its cell"), (2, "dlogits", "its cell"), (3, "dhprebn", "its cell"),
-    (4, "dW2", "the blank at Cell In[")])
+    (4, "dW2", "the blank at Cell In["), (6, "dv", "its cell")])
 def test_starter_notebook_fails_readably_in_a_kernel(number, first, where, kernel):
     data = execute(notebook_build.notebook(number), kernel)
     text = data["text/plain"]
@@ -382,3 +382,57 @@ def test_check_cell_that_does_not_call_check(tmp_path, setup):
 def test_another_exercises_notebook(tmp_path):
     (line,) = report_lines(checker.check(3, save(notebook_build.notebook(2, True), tmp_path)), 3)
     assert "is exercise 2's notebook; check it with: backprop-ninja exercise 2 --check" in line
+
+
+# ---------------------------------------------------------------------------------------------
+# exercises 5 to 8 as notebooks: graded headless like their .py files
+
+ZOO_MISTAKES = ["5 dxhat without weight", "6 softmax backward without its sum", "7 gain forgotten",
+                "8 carried gradient not added"]
+
+
+@pytest.mark.parametrize("number", [5, 6, 7, 8])
+def test_zoo_notebook_solution_passes_and_starter_fails_headless(number, tmp_path):
+    solved = checker.check(number, save(notebook_build.notebook(number, True), tmp_path))
+    assert solved.ok and solved.text.endswith("all correct: well done"), solved.text
+    first = exercises.template_parts(number).blanks[0].name
+    starter = checker.check(number, save(notebook_build.notebook(number), tmp_path, "s.ipynb"))
+    assert not starter.ok and f"first wrong: {first}" in starter.text
+    assert f"{first} is still None: fill in its cell (cell " in starter.text
+
+
+@pytest.mark.parametrize("mistake", ZOO_MISTAKES)
+def test_zoo_notebook_mistake_gets_the_py_files_hint(mistake, tmp_path):
+    from test_zoo_exercises import MISTAKES
+
+    number, old, new, count, first, words = MISTAKES[mistake]
+    nb = notebook_build.notebook(number, solution=True)
+    cells = [c for c in nb.cells if c.cell_type == "code" and old in c.source]
+    assert sum(c.source.count(old) for c in cells) == count, mistake
+    for c in cells:  # a cell's lines are the template's, dedented
+        c.source = c.source.replace(old, new.replace("\n    ", "\n"))
+    result = checker.check(number, save(nb, tmp_path))
+    assert not result.ok and f"first wrong: {first}" in result.text, result.text
+    assert all(w in result.text for w in words), result.text
+
+
+# ---------------------------------------------------------------------------------------------
+# shown to a person: an executed notebook rendered as a web page
+
+def test_executed_notebook_renders_the_table_the_wrong_row_and_its_hint():
+    """Executed in a kernel, converted by nbconvert as Jupyter's "save as HTML" does: the check's
+    table is an HTML table, the first wrong row is marked and the hint is under the table."""
+    import html as html_module
+
+    from nbclient import NotebookClient
+    from nbconvert import HTMLExporter
+
+    nb = with_cell(1, "dW2", "dW2 = dlogits.T @ h")  # the missing transpose, planted
+    NotebookClient(nb, timeout=120, kernel_name="python3").execute()
+    page, _ = HTMLExporter().from_notebook_node(nb)
+    assert re.search(r"<table>\s*<thead><tr><th>tensor</th><th>shape</th>", page)
+    marked = re.findall(r'<tr class="first-wrong"[^>]*><td>(?:&#10007;|\u2717) (\w+)</td>', page)
+    assert marked == ["W2"], marked
+    table_end = page.index("</table>", page.index('class="first-wrong"'))
+    below = html_module.unescape(page[table_end:])
+    assert "first wrong: dW2" in below and "transpose" in below

@@ -28,8 +28,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("exercise", help="write the backward pass yourself: a starter file, "
                                         "then a check with hints",
                        description="Exercises 1-4 of the lecture and 5-8 on the zoo's layers. "
-                                   "Start with --init FILE (a .py, or for 1-4 a .ipynb notebook "
-                                   "for Jupyter or Colab), fill in the blanks, then --check FILE "
+                                   "Start with --init FILE (a .py, or a .ipynb notebook for "
+                                   "Jupyter or Colab), fill in the blanks, then --check FILE "
                                    "until every row matches.")
     p.add_argument("number", type=int, choices=range(1, 9), metavar="N",
                    help="1 atomic backward, 2 fused cross-entropy, 3 fused batchnorm, 4 training, "
@@ -105,12 +105,13 @@ def init_exercise(number: int, path: Path, solution: bool, force: bool) -> int:
     """Write the starter (or solved) file; a notebook when the name ends in .ipynb."""
     from ..learning import exercises
 
+    if path.suffix not in (".py", ".ipynb"):
+        raise UserError(f"{path}: --init writes a .py file or a .ipynb notebook (what --check can "
+                        f"grade), not {path.suffix or 'a name without a suffix'}; e.g. "
+                        f"ex{number}.py or ex{number}.ipynb")
     if path.suffix == ".ipynb":
         from ..learning import notebook_build
 
-        if number not in exercises.LECTURE:
-            raise UserError(f"exercise {number} comes as a .py file for now (notebooks are for "
-                            "exercises 1 to 4); pass FILE.py")
         notebook_build.write_notebook(number, path, solution=solution, force=force)
         what = "the solved notebook" if solution else \
             "a notebook for Jupyter or Colab: fill in the cells d<name> = None"

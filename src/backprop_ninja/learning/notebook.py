@@ -232,21 +232,34 @@ def show(result: CheckResult) -> None:
 
 
 def result_html(result: CheckResult) -> str:
-    """The check's table in HTML (tensor, shape, exact, approx, maxdiff) and its messages."""
+    """The check's table in HTML (tensor, shape, exact, approx, maxdiff), the first wrong row
+    marked, and below it what the text says under its table (the first wrong one, its hint)."""
     g = result.grade
     if g is None:
-        return f"<pre>{html.escape(result.text)}</pre>"
+        return f'<pre class="backprop-ninja-check">{html.escape(result.text)}</pre>'
     title, *more = g.title.split("\n")
-    rows = "".join(row_html(r) for r in g.rows)
+    first = next((r.name for r in g.rows if not r.approx), None)
+    rows = "".join(row_html(r, r.name == first) for r in g.rows)
     head = "".join(f"<th>{h}</th>" for h in ("tensor", "shape", "exact", "approx", "maxdiff"))
     tail = "\n".join(g.after_table()).strip()
-    return (f"<p><b>{html.escape(title)}</b>{''.join('<br>' + html.escape(m) for m in more)}</p>"
+    return (f'<div class="backprop-ninja-check"><p><b>{html.escape(title)}</b>'
+            f"{''.join('<br>' + html.escape(m) for m in more)}</p>"
             f"<table><thead><tr>{head}</tr></thead><tbody>{rows}</tbody></table>"
-            f"<pre>{html.escape(tail)}</pre>")
+            f"<pre>{html.escape(tail)}</pre></div>")
 
 
-def row_html(r) -> str:
-    style = "" if r.approx else ' style="background-color: rgba(255, 0, 0, 0.15)"'
+WRONG = "background-color: rgba(255, 0, 0, 0.15)"
+FIRST_WRONG = "background-color: rgba(255, 0, 0, 0.35); font-weight: bold"
+
+
+def row_html(r, first_wrong: bool = False) -> str:
+    """One row; a wrong one tinted, the first wrong one (the one to fix) marked."""
+    if r.approx:
+        opening = "<tr>"
+    elif first_wrong:
+        opening = f'<tr class="first-wrong" style="{FIRST_WRONG}" title="the first wrong one">'
+    else:
+        opening = f'<tr class="wrong" style="{WRONG}">'
     if r.problem is not None:
         shape, exact, approx, diff = "-", "-", "-", f"d{r.name} {r.problem}"
     elif not r.shape_ok:
@@ -255,5 +268,7 @@ def row_html(r) -> str:
     else:
         shape, exact, approx, diff = str(list(r.shape)), str(r.exact), str(r.approx), \
             f"{r.maxdiff:.3g}"
-    cells = "".join(f"<td>{html.escape(c)}</td>" for c in (r.name, shape, exact, approx, diff))
-    return f"<tr{style}>{cells}</tr>"
+    name = f"&#10007; {html.escape(r.name)}" if first_wrong else html.escape(r.name)
+    cells = "".join(f"<td>{c}</td>" for c in
+                    (name, *(html.escape(c) for c in (shape, exact, approx, diff))))
+    return f"{opening}{cells}</tr>"

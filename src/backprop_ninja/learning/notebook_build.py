@@ -29,7 +29,7 @@ def notebook(number: int, solution: bool = False):
     parts = exercises.template_parts(number)
     cells = [markdown("intro", intro_text(number, parts)),
              markdown("install-note", INSTALL_NOTE), code("install", INSTALL_CELL),
-             markdown("setup-note", SETUP_NOTE), code("setup", setup_source(number, parts)),
+             markdown("setup-note", setup_note(number)), code("setup", setup_source(number, parts)),
              markdown("work-note", work_note(number)), *work_cells(number, parts, solution),
              markdown("check-note", check_note(number)), code("check", check_source(number, parts))]
     metadata = {"kernelspec": KERNELSPEC, "language_info": {"name": "python"},
@@ -101,9 +101,14 @@ except ImportError:
     subprocess.check_call([sys.executable, "-m", "pip", "install", "--quiet", SOURCE])
     importlib.invalidate_caches()
     import backprop_ninja'''
-SETUP_NOTE = ("## The forward pass (done)\n\n`exercise_inputs` gives the lecture's check batch "
-              "(seeded: the same every time) and every tensor of the forward pass below, computed "
-              "on it, as plain tensors.")
+
+
+def setup_note(number: int) -> str:
+    what = "the lecture's check batch" if number in exercises.LECTURE else \
+        "the exercise's problem (small inputs and an upstream gradient)"
+    return (f"## The forward pass (done)\n\n`exercise_inputs` gives {what} (seeded: the same "
+            "every time) and every tensor of the forward pass below, computed on it, as plain "
+            "tensors: what `backward()` gets.")
 
 
 def work_note(number: int) -> str:
@@ -114,8 +119,8 @@ def work_note(number: int) -> str:
 
 
 def check_note(number: int) -> str:
-    return ("## Check\n\nGrades what you pass it against autograd, computed afresh on the same "
-            "batch. From a terminal: `backprop-ninja exercise "
+    return ("## Check\n\nGrades your gradients against autograd, computed afresh on the same "
+            "inputs. From a terminal: `backprop-ninja exercise "
             f"{number} --check THIS_NOTEBOOK.ipynb`.")
 
 
