@@ -6,8 +6,8 @@ import math
 import pytest
 import torch
 
-from backprop_ninja.checking import atomic as A
-from backprop_ninja.learning import checker as E
+from backprop_ninja.checking import atomic
+from backprop_ninja.learning import checker
 from backprop_ninja.checking.gradcheck import APPROX_ATOL, APPROX_RTOL, approx_equal, compare, format_table
 from backprop_ninja.training.loop import verify_grads
 from backprop_ninja.errors import UserError
@@ -76,7 +76,7 @@ def test_check_grads_refuses_a_wrong_gradient():
 
 @pytest.fixture(scope="module")
 def setup():
-    return A.lecture_check_setup()
+    return atomic.lecture_check_setup()
 
 
 @pytest.mark.parametrize("value, needle", [
@@ -90,7 +90,7 @@ def setup():
 def test_exercise_checker_names_a_gradient_of_the_wrong_kind(tmp_path, setup, value, needle):
     path = tmp_path / "mine.py"
     path.write_text(f"import torch\n\ndef backward(logits, Yb):\n    return {{'logits': {value}}}\n")
-    result = E.check(2, path, setup=setup)
+    result = checker.check(2, path, setup=setup)
     assert not result.ok and "well done" not in result.text
     assert needle in result.text
     assert "0/1 gradients match" in result.text

@@ -10,15 +10,17 @@ from pathlib import Path
 import pytest
 import torch
 
-from backprop_ninja.checking import atomic as A
-from backprop_ninja.learning import checker as E
-from backprop_ninja.learning import exercises as X
+from backprop_ninja.checking import atomic
+from backprop_ninja.learning import checker
+from backprop_ninja.learning import exercises
+from backprop_ninja.learning.grading import CheckResult
+from backprop_ninja.learning import tasks
 from backprop_ninja.cli import main
 
 
 @pytest.fixture(scope="module")
 def setup():
-    return A.lecture_check_setup()
+    return atomic.lecture_check_setup()
 
 
 def write(tmp_path: Path, text: str, name: str = "mine.py") -> Path:
@@ -29,16 +31,16 @@ def write(tmp_path: Path, text: str, name: str = "mine.py") -> Path:
 
 def planted(number: int, old: str, new: str) -> str:
     """The solution of an exercise with one mistake planted in it."""
-    text = X.solution_text(number)
+    text = exercises.solution_text(number)
     assert text.count(old) == 1, old
     return text.replace(old, new)
 
 
-def check(number: int, path: Path, setup, names=None) -> E.CheckResult:
-    return E.check(number, path, setup=setup, data=names)
+def check(number: int, path: Path, setup, names=None) -> CheckResult:
+    return checker.check(number, path, setup=setup, data=names)
 
 
-def first_wrong(result: E.CheckResult) -> str:
+def first_wrong(result: CheckResult) -> str:
     line = next(l for l in result.text.splitlines() if l.startswith("first wrong:"))
     return line.split()[2]
 
@@ -73,14 +75,14 @@ def import_file(path: Path):
 
 @pytest.mark.parametrize("number", [1, 2, 3])
 def test_solution_passes(number, tmp_path, setup):
-    result = check(number, write(tmp_path, X.solution_text(number)), setup)
+    result = check(number, write(tmp_path, exercises.solution_text(number)), setup)
     assert result.ok, result.text
     assert "all correct" in result.text and "first wrong" not in result.text
     assert "note:" not in result.text
 
 
 def test_exercise4_solution_passes_and_trains(tmp_path, setup, names):
-    result = check(4, write(tmp_path, X.solution_text(4)), setup, names)
+    result = check(4, write(tmp_path, exercises.solution_text(4)), setup, names)
     assert result.ok, result.text
     assert "7/7 gradients match autograd" in result.text
     assert "your gradients train the network" in result.text
@@ -88,13 +90,13 @@ def test_exercise4_solution_passes_and_trains(tmp_path, setup, names):
 
 @pytest.mark.parametrize("number", [1, 2, 3, 4])
 def test_starter_has_blanks_not_answers(number):
-    starter, solution = X.starter_text(number), X.solution_text(number)
-    n_blanks = X.template_text(number).count("# BLANK ")
+    starter, solution = exercises.starter_text(number), exercises.solution_text(number)
+    n_blanks = exercises.template_text(number).count("# BLANK ")
     assert count_blanks(starter) == n_blanks >= 1
     assert "# BLANK" not in starter + solution and "# END" not in starter + solution
     assert count_blanks(solution) == 0
     # each blank's answer, read off the template's fences: in the solution, no line of it in the starter
-    answers = fenced_answers(X.template_text(number))
+    answers = fenced_answers(exercises.template_text(number))
     assert len(answers) == n_blanks and all(answers), answers
     starter_lines = {l.strip() for l in starter.splitlines()}
     solution_lines = {l.strip() for l in solution.splitlines()}
@@ -104,19 +106,19 @@ def test_starter_has_blanks_not_answers(number):
 
 
 def test_exercise1_starter_has_one_blank_per_gradient():
-    blanks = count_blanks(X.starter_text(1))
-    assert blanks == len(A.EXERCISE1_NAMES) == 26
+    blanks = count_blanks(exercises.starter_text(1))
+    assert blanks == len(atomic.EXERCISE1_NAMES) == 26
 
 
 def test_template_forwards_are_the_checkers(tmp_path, setup):
     s = setup
-    mod1 = import_file(write(tmp_path, X.solution_text(1), "one.py"))
-    ours, theirs = A.atomic_forward(s.params, s.Xb, s.Yb), mod1.forward(s.params, s.Xb, s.Yb)
+    mod1 = import_file(write(tmp_path, exercises.solution_text(1), "one.py"))
+    ours, theirs = atomic.atomic_forward(s.params, s.Xb, s.Yb), mod1.forward(s.params, s.Xb, s.Yb)
     assert ours.keys() == theirs.keys()
     for k in ours:
         assert torch.equal(ours[k], theirs[k]), k
-    mod4 = import_file(write(tmp_path, X.solution_text(4), "four.py"))
-    ours, theirs = E.exercise4_forward(s.params, s.Xb, s.Yb), mod4.forward(s.params, s.Xb, s.Yb)
+    mod4 = import_file(write(tmp_path, exercises.solution_text(4), "four.py"))
+    ours, theirs = tasks.exercise4_forward(s.params, s.Xb, s.Yb), mod4.forward(s.params, s.Xb, s.Yb)
     assert ours.keys() == theirs.keys()
     for k in ours:  # the model's forward takes its batch statistics from var_mean: float noise
         assert ours[k].shape == theirs[k].shape, k
@@ -124,16 +126,16 @@ def test_template_forwards_are_the_checkers(tmp_path, setup):
 
 
 def test_starter_grades_as_not_filled_in(tmp_path, setup):
-    path = write(tmp_path, X.starter_text(1))
+    path = write(tmp_path, exercises.starter_text(1))
     result = check(1, path, setup)
     assert not result.ok and first_wrong(result) == "dlogprobs"
-    line = X.starter_text(1).splitlines().index(
-        next(l for l in X.starter_text(1).splitlines() if l.strip().startswith("dlogprobs = None"))) + 1
+    line = exercises.starter_text(1).splitlines().index(
+        next(l for l in exercises.starter_text(1).splitlines() if l.strip().startswith("dlogprobs = None"))) + 1
     assert f"dlogprobs is still None: fill in the blank at line {line}" in result.text
 
 
 def test_partly_filled_starter_points_at_the_next_blank(tmp_path, setup):
-    text = X.starter_text(1).replace(
+    text = exercises.starter_text(1).replace(
         "dlogprobs = None  # TODO: loss = -logprobs[range(n), Yb].mean()",
         "dlogprobs = torch.zeros_like(logprobs)\n"
         "    dlogprobs[torch.arange(n), Yb] = -1.0 / n")
@@ -142,7 +144,7 @@ def test_partly_filled_starter_points_at_the_next_blank(tmp_path, setup):
 
 
 def test_exercise4_blank_points_at_the_first_blank_above(tmp_path, setup, names):
-    result = check(4, write(tmp_path, X.starter_text(4)), setup, names)
+    result = check(4, write(tmp_path, exercises.starter_text(4)), setup, names)
     assert not result.ok and first_wrong(result) == "dW2"
     assert "after the first blank above it, dlogits" in result.text
     assert "training run waits" in result.text
@@ -241,7 +243,7 @@ def test_rows_before_the_first_wrong_pass(tmp_path, setup):
     result = check(1, path, setup)
     rows = result.text.splitlines()[2:28]
     names = [r.split("|")[0].strip() for r in rows]
-    assert names == list(A.EXERCISE1_NAMES)
+    assert names == list(atomic.EXERCISE1_NAMES)
     k = names.index("bndiff")
     assert all("True" in r.split("|")[2] for r in rows[:k])
     assert "False" in rows[k].split("|")[2]
@@ -295,7 +297,7 @@ def cli_check(number: int, path: Path, capsys) -> tuple[int, str]:
 def graded(number: int, path: Path, capsys) -> tuple[int, str]:
     """The command's exit code and text, graded in this process: the text is the command's,
     character for character (test_checker_process proves it), without a child's start-up."""
-    result = E.check(number, path)
+    result = checker.check(number, path)
     out = result.text + capsys.readouterr().out
     assert "Traceback" not in out
     return (0 if result.ok else 1), out
@@ -346,13 +348,13 @@ def test_not_a_tensor(tmp_path, capsys):
 
 
 def test_blanks_left_as_none(tmp_path, capsys):
-    path = write(tmp_path, X.starter_text(3))
+    path = write(tmp_path, exercises.starter_text(3))
     code, out = graded(3, path, capsys)
     assert code == 1 and "dhprebn is still None: fill in the blank at line" in out
 
 
 def test_using_a_none_blank_is_explained(tmp_path, capsys):
-    text = X.starter_text(1).replace("dprobs = None", "dprobs = (1.0 / probs) * dlogprobs")
+    text = exercises.starter_text(1).replace("dprobs = None", "dprobs = (1.0 / probs) * dlogprobs")
     code, out = graded(1, write(tmp_path, text), capsys)
     assert code == 1 and "TypeError in backward()" in out and "still None" in out
 
@@ -385,7 +387,7 @@ def test_init_writes_a_file_that_imports_and_runs(tmp_path, capsys, setup):
     module = import_file(path)
     values = module.forward(setup.params, setup.Xb, setup.Yb)
     got = module.backward(Xb=setup.Xb, Yb=setup.Yb, **setup.params, **values)
-    assert set(got) == set(A.EXERCISE1_NAMES) and all(v is None for v in got.values())
+    assert set(got) == set(atomic.EXERCISE1_NAMES) and all(v is None for v in got.values())
 
 
 def test_running_the_starter_runs_the_checker(tmp_path):
@@ -403,17 +405,17 @@ def test_init_refuses_to_overwrite(tmp_path, capsys):
     assert err.count("\n") == 0 and "already exists" in err and "--force" in err
     assert path.read_text() == "my work\n"
     assert main(["exercise", "2", "--init", str(path), "--force"]) == 0
-    assert path.read_text() == X.starter_text(2)
+    assert path.read_text() == exercises.starter_text(2)
 
 
 def test_show_solution_prints_the_solution(capsys):
     assert main(["exercise", "3", "--show-solution"]) == 0
     out = capsys.readouterr().out
-    assert out == X.solution_text(3) and "n / (n - 1)" in out
+    assert out == exercises.solution_text(3) and "n / (n - 1)" in out
 
 
 def test_check_never_prints_the_solution(tmp_path, capsys, setup):
-    code, out = graded(1, write(tmp_path, X.starter_text(1)), capsys)
+    code, out = graded(1, write(tmp_path, exercises.starter_text(1)), capsys)
     assert code == 1 and "dlogprobs is still None" in out
     assert "h.T @ dlogits" not in out and "index_add_" not in out
     code, out = graded(1, write(tmp_path, planted(1, "dW2 = h.T @ dlogits", "dW2 = dlogits.T @ h")), capsys)
@@ -442,3 +444,36 @@ def test_os_exit_does_not_end_the_checker(tmp_path, capsys):
     in_backward = write(tmp_path, "import os\n\ndef backward(logits, Yb):\n    os._exit(0)\n", "in_call.py")
     code, out = cli_check(2, in_backward, capsys)
     assert code == 1 and "in_call.py:4: SystemExit in backward()" in out
+
+
+# ---------------------------------------------------------------------------------------------
+# what --init writes and --check loads agree; another exercise's file; running without torch
+
+def test_init_refuses_what_check_cannot_load(tmp_path, capsys):
+    path = tmp_path / "ex1.txt"
+    assert main(["exercise", "1", "--init", str(path)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.count("\n") == 0 and ".py file or a .ipynb notebook" in err and not path.exists()
+    path.write_text(exercises.solution_text(1))
+    assert main(["exercise", "1", "--check", str(path)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.count("\n") == 0 and "are .py (a Python file) or .ipynb (a notebook)" in err
+
+
+def test_another_exercises_file_is_named(tmp_path, capsys):
+    path = write(tmp_path, exercises.starter_text(1), "ex1.py")
+    code, out = cli_check(2, path, capsys)
+    assert code == 1 and out.splitlines()[1:] == [
+        f"{path} is exercise 1's file (its backward takes exercise 1's arguments); check it "
+        f"with: backprop-ninja exercise 1 --check {path}"]
+
+
+@pytest.mark.parametrize("number", [1, 3])
+def test_running_the_starter_without_torch_says_how(number, tmp_path):
+    """python -S: a Python without the project's packages, as the system's usually is."""
+    path = tmp_path / f"ex{number}.py"
+    path.write_text(exercises.starter_text(number))
+    proc = subprocess.run([sys.executable, "-S", str(path)], capture_output=True, text=True,
+                          timeout=60)
+    assert proc.returncode == 1 and "Traceback" not in proc.stderr, proc.stderr
+    assert f".venv/bin/backprop-ninja exercise {number} --check {path}" in proc.stderr

@@ -6,17 +6,17 @@ from pathlib import Path
 
 import pytest
 import torch
-import torch.nn.functional as F
+from torch.nn import functional
 
 from backprop_ninja.errors import UserError
 from backprop_ninja.checking.gradcheck import approx_equal
-from backprop_ninja.learning import exercises as X
-from backprop_ninja.learning import zoo_exercises as Z
-from backprop_ninja.learning.checker import learner_function, load_learner
+from backprop_ninja.learning import exercises
+from backprop_ninja.learning import zoo_exercises as zoo
+from backprop_ninja.learning.learner import learner_function, load_learner
 from backprop_ninja.nn.normalisation import batchnorm_forward
 from backprop_ninja.nn.recurrent import rnn_forward
 
-NUMBERS = sorted(Z.ZOO_CHECKS)
+NUMBERS = sorted(zoo.ZOO_CHECKS)
 
 
 def write(tmp_path: Path, text: str, name: str = "mine.py") -> Path:
@@ -28,13 +28,13 @@ def write(tmp_path: Path, text: str, name: str = "mine.py") -> Path:
 def planted(number: int, old: str, new: str, count: int = 1) -> str:
     """The solution of an exercise with one mistake planted in it (``old`` found ``count``
     times, each replaced)."""
-    text = X.solution_text(number)
+    text = exercises.solution_text(number)
     assert text.count(old) == count, old
     return text.replace(old, new)
 
 
 def grade(number: int, path: Path):
-    return Z.ZOO_CHECKS[number](learner_function(load_learner(path), path), path)
+    return zoo.ZOO_CHECKS[number](learner_function(load_learner(path), path), path)
 
 
 def first_wrong(text: str) -> str:
@@ -47,19 +47,19 @@ def first_wrong(text: str) -> str:
 
 @pytest.mark.parametrize("number", NUMBERS)
 def test_solution_passes(number, tmp_path):
-    g = grade(number, write(tmp_path, X.solution_text(number)))
+    g = grade(number, write(tmp_path, exercises.solution_text(number)))
     assert g.ok, g.text()
-    assert [r.name for r in g.rows] == list(Z.ZOO_NAMES[number])
-    assert "all correct" in g.text() and g.title == Z.ZOO_TITLES[number]
+    assert [r.name for r in g.rows] == list(zoo.ZOO_NAMES[number])
+    assert "all correct" in g.text() and g.title == zoo.ZOO_TITLES[number]
 
 
 @pytest.mark.parametrize("number", NUMBERS)
 def test_starter_fails_at_its_first_blank(number, tmp_path):
-    starter = X.starter_text(number)
-    first = Z.ZOO_NAMES[number][0]
+    starter = exercises.starter_text(number)
+    first = zoo.ZOO_NAMES[number][0]
     lines = starter.splitlines()
     line = next(i for i, l in enumerate(lines, 1) if l.strip().startswith(f"d{first} = None"))
-    result = Z.check_zoo(number, write(tmp_path, starter))
+    result = zoo.check_zoo(number, write(tmp_path, starter))
     assert not result.ok and first_wrong(result.text) == f"d{first}"
     assert f"d{first} is still None: fill in the blank at line {line}" in result.text
 
@@ -68,11 +68,11 @@ def test_starter_fails_at_its_first_blank(number, tmp_path):
 def test_template_has_one_blank_per_graded_tensor_in_backward_order(number):
     """The blanks are the graded tensors, in order, and the template cuts into a notebook's
     pieces like exercises 1 to 4 (no code between two blanks)."""
-    parts = X.template_parts(number)
-    names = Z.ZOO_NAMES[number]
+    parts = exercises.template_parts(number)
+    names = zoo.ZOO_NAMES[number]
     assert [b.name for b in parts.blanks] == [f"d{n}" for n in names]
     assert parts.returned == [(n, f"d{n}") for n in names]
-    starter, solution = X.starter_text(number), X.solution_text(number)
+    starter, solution = exercises.starter_text(number), exercises.solution_text(number)
     assert "# BLANK" not in starter + solution and "d" + names[0] + " = None" not in solution
     for blank in parts.blanks:
         assert blank.answer.strip().splitlines()[-1].strip() not in starter
@@ -80,24 +80,24 @@ def test_template_has_one_blank_per_graded_tensor_in_backward_order(number):
 
 def test_template_forwards_agree_with_the_references(tmp_path):
     """The forward the learner reads is the one the checker differentiates."""
-    mods = {n: load_learner(write(tmp_path, X.solution_text(n), f"s{n}.py")) for n in NUMBERS}
-    t5 = Z.exercise5_task().inputs
+    mods = {n: load_learner(write(tmp_path, exercises.solution_text(n), f"s{n}.py")) for n in NUMBERS}
+    t5 = zoo.exercise5_task().inputs
     w, b = torch.randn(8), torch.randn(8)
     out = mods[5].forward(t5["x"], w, b)
-    torch.testing.assert_close(out["out"], F.layer_norm(t5["x"], (8,), w, b))
+    torch.testing.assert_close(out["out"], functional.layer_norm(t5["x"], (8,), w, b))
     torch.testing.assert_close(out["rstd"], t5["rstd"])
-    t6 = Z.exercise6_task().inputs
+    t6 = zoo.exercise6_task().inputs
     out = mods[6].forward(t6["q"], t6["k"], t6["v"])
     torch.testing.assert_close(out["att"], t6["att"])
-    torch.testing.assert_close(out["y"], F.scaled_dot_product_attention(
+    torch.testing.assert_close(out["y"], functional.scaled_dot_product_attention(
         t6["q"], t6["k"], t6["v"], is_causal=True))
-    t7 = Z.exercise7_task().inputs
+    t7 = zoo.exercise7_task().inputs
     gain, bias = torch.randn(1, 1, 8), torch.randn(1, 1, 8)
     out = mods[7].forward(t7["x"], gain, bias)
     torch.testing.assert_close(out["out"], batchnorm_forward(t7["x"], gain, bias)[0])
     torch.testing.assert_close(out["xhat"], t7["xhat"])
     torch.testing.assert_close(out["var_inv"], t7["var_inv"])
-    t8 = Z.exercise8_task()
+    t8 = zoo.exercise8_task()
     b8 = torch.randn(8)
     out = mods[8].forward(t8.inputs["x"], t8.inputs["h0"], t8.inputs["w"], b8)
     torch.testing.assert_close(out["hs"], rnn_forward(t8.inputs["x"], t8.inputs["h0"],
@@ -108,7 +108,7 @@ def test_template_forwards_agree_with_the_references(tmp_path):
 def test_problems_are_seeded_and_every_hint_is_a_real_mistake(number):
     """Two builds give the same problem; no recognised mistake equals the right answer on it
     (a constant upstream gradient, or a gain of 1, would make some of them coincide)."""
-    a, b = Z.TASKS[number](), Z.TASKS[number]()
+    a, b = zoo.TASKS[number](), zoo.TASKS[number]()
     for k in a.inputs:
         assert torch.equal(a.inputs[k], b.inputs[k]), k
     for name in a.names:
@@ -118,18 +118,18 @@ def test_problems_are_seeded_and_every_hint_is_a_real_mistake(number):
 
 def test_other_numbers_are_refused():
     with pytest.raises(UserError, match="5 to 8"):
-        Z.check_zoo(4, "mine.py")
+        zoo.check_zoo(4, "mine.py")
     with pytest.raises(UserError, match="exercises 1 to 8, not 9"):
-        X.starter_text(9)
+        exercises.starter_text(9)
 
 
 def test_write_starter_refuses_to_overwrite(tmp_path):
-    path = X.write_starter(6, tmp_path / "six.py")
-    assert path.read_text() == X.starter_text(6)
+    path = exercises.write_starter(6, tmp_path / "six.py")
+    assert path.read_text() == exercises.starter_text(6)
     with pytest.raises(UserError, match="already exists"):
-        X.write_starter(6, path)
-    X.write_starter(6, path, force=True, solution=True)
-    assert path.read_text() == X.solution_text(6)
+        exercises.write_starter(6, path)
+    exercises.write_starter(6, path, force=True, solution=True)
+    assert path.read_text() == exercises.solution_text(6)
 
 
 def test_an_error_in_backward_is_reported_with_its_line(tmp_path):
@@ -138,7 +138,7 @@ def test_an_error_in_backward_is_reported_with_its_line(tmp_path):
                    "dq = dscores @ k.transpose(-2, -1) / math.sqrt(hs)")
     path = write(tmp_path, text)
     line = text.splitlines().index("    dq = dscores @ k.transpose(-2, -1) / math.sqrt(hs)") + 1
-    result = Z.check_zoo(6, path)
+    result = zoo.check_zoo(6, path)
     assert not result.ok and f"{path}:{line}: RuntimeError in backward()" in result.text
 
 
@@ -265,7 +265,7 @@ def test_classic_mistake_is_caught_with_its_hint(case, tmp_path):
     text = g.text()
     assert not g.ok and first_wrong(text) == wrong, text
     rows = {r.name: r.approx for r in g.rows}
-    names = Z.ZOO_NAMES[number]
+    names = zoo.ZOO_NAMES[number]
     assert all(rows[n] for n in names[:names.index(wrong[1:])]), text
     for word in words:
         assert word in text, (word, text)

@@ -1,9 +1,9 @@
 """The lecture's exercises 1-3 on its check setup.
 
 Exercise 1 breaks the forward pass into named intermediates and backpropagates through each one
-by hand, one line of math at a time, in reverse order. Its reference solution is the exercise's
-own template (``learning/templates/exercise1.py``, the learner's file with every answer in):
-one solution, which the learner can read and ``check`` proves. Exercises 2 and 3 replace the
+by hand, one line of math at a time, in reverse order. Its reference solution is ``lecture``
+(the learner's template, ``learning/templates/exercise1.py``, is that code with the answers
+fenced as blanks; a test keeps the two the same). Exercises 2 and 3 replace the
 cross-entropy and batchnorm stretches with their fused gradients, the layers' own backward.
 ``run_check`` compares all of them with autograd and feeds ``backprop-ninja check``.
 
@@ -19,11 +19,11 @@ import torch
 from torch import Tensor
 
 from ..data import Dataset, Vocab, default_data_path
-from ..learning.templates import exercise1
 from ..models import mlp
 from ..models.base import Params
 from ..nn.losses import cross_entropy_backward, cross_entropy_forward
 from ..nn.normalisation import batchnorm_backward, batchnorm_forward, check_batch_size
+from . import lecture
 from .gradcheck import Comparison, compare
 
 # The 26 tensors of exercise 1, in the order the backward pass reaches them (the lecture's cmp order).
@@ -65,12 +65,12 @@ def lecture_check_setup(path: str | Path | None = None, n_hidden: int = 64, batc
 def atomic_forward(p: Params, Xb: Tensor, Yb: Tensor) -> dict[str, Tensor]:
     """The forward pass in the lecture's small steps; every intermediate by name."""
     check_batch_size(Xb.shape[0])
-    return exercise1.forward(p, Xb, Yb)
+    return lecture.forward(p, Xb, Yb)
 
 
 def atomic_backward(p: Params, Xb: Tensor, Yb: Tensor, t: dict[str, Tensor]) -> dict[str, Tensor]:
-    """Exercise 1: the gradient of the loss for all 26 tensors (the template's solution)."""
-    return exercise1.backward(Xb=Xb, Yb=Yb, **p, **t)
+    """Exercise 1: the gradient of the loss for all 26 tensors, by hand."""
+    return lecture.backward(Xb=Xb, Yb=Yb, **p, **t)
 
 
 def fused_dlogits(logits: Tensor, Yb: Tensor) -> Tensor:

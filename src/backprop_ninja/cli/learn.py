@@ -1,6 +1,6 @@
 """The learner's commands: ``exercise N --init/--check/--show-solution`` and ``plot``.
 
-``--check`` grades in a child process with a time limit (``learning.checker.check_in_child``).
+``--check`` grades in a child process with a time limit (``learning.sandbox.check_in_child``).
 """
 
 from __future__ import annotations
@@ -10,7 +10,7 @@ import math
 from pathlib import Path
 
 from ..errors import UserError
-from ..learning.checker import TIME_LIMIT_S
+from ..learning.sandbox import TIME_LIMIT_S
 
 
 def run_plot(what: argparse._SubParsersAction, name: str, help: str, made_by: str, func
@@ -28,8 +28,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("exercise", help="write the backward pass yourself: a starter file, "
                                         "then a check with hints",
                        description="Exercises 1-4 of the lecture and 5-8 on the zoo's layers. "
-                                   "Start with --init FILE (a .py, or for 1-4 a .ipynb notebook "
-                                   "for Jupyter or Colab), fill in the blanks, then --check FILE "
+                                   "Start with --init FILE (a .py, or a .ipynb notebook for "
+                                   "Jupyter or Colab), fill in the blanks, then --check FILE "
                                    "until every row matches.")
     p.add_argument("number", type=int, choices=range(1, 9), metavar="N",
                    help="1 atomic backward, 2 fused cross-entropy, 3 fused batchnorm, 4 training, "
@@ -77,10 +77,10 @@ def cmd_exercise(args: argparse.Namespace) -> int:
 
         print(exercises.solution_text(args.number), end="")
         return 0
-    from ..learning import checker
+    from ..learning import sandbox
 
     timeout = TIME_LIMIT_S if args.timeout is None else args.timeout
-    result = checker.check_in_child(args.number, args.check, args.input, timeout=timeout)
+    result = sandbox.check_in_child(args.number, args.check, args.input, timeout=timeout)
     if result.output:
         print(result.output, end="" if result.output.endswith("\n") else "\n")
     print(result.text)
@@ -105,13 +105,14 @@ def init_exercise(number: int, path: Path, solution: bool, force: bool) -> int:
     """Write the starter (or solved) file; a notebook when the name ends in .ipynb."""
     from ..learning import exercises
 
+    if path.suffix not in (".py", ".ipynb"):
+        raise UserError(f"{path}: --init writes a .py file or a .ipynb notebook (what --check can "
+                        f"grade), not {path.suffix or 'a name without a suffix'}; e.g. "
+                        f"ex{number}.py or ex{number}.ipynb")
     if path.suffix == ".ipynb":
-        from ..learning import notebook
+        from ..learning import notebook_build
 
-        if number not in exercises.LECTURE:
-            raise UserError(f"exercise {number} comes as a .py file for now (notebooks are for "
-                            "exercises 1 to 4); pass FILE.py")
-        notebook.write_notebook(number, path, solution=solution, force=force)
+        notebook_build.write_notebook(number, path, solution=solution, force=force)
         what = "the solved notebook" if solution else \
             "a notebook for Jupyter or Colab: fill in the cells d<name> = None"
         print(f"wrote {path}, {what}, then run its check cell; or from here:\n"

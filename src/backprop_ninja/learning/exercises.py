@@ -130,8 +130,11 @@ def template_parts(number: int) -> TemplateParts:
     tree, lines = ast.parse(text), text.splitlines()
     functions = {n.name: n for n in tree.body if isinstance(n, ast.FunctionDef)}
     forward, backward = functions["forward"], functions["backward"]
-    imports = [ast.get_source_segment(text, n) for n in tree.body
-               if isinstance(n, (ast.Import, ast.ImportFrom))]
+    # the imports, at the top or in the try that says how to run the file without torch
+    top = [n for n in tree.body if isinstance(n, ast.Import | ast.ImportFrom)] + \
+        [n for t in tree.body if isinstance(t, ast.Try) for n in t.body
+         if isinstance(n, ast.Import | ast.ImportFrom)]
+    imports = [ast.get_source_segment(text, n) for n in sorted(top, key=lambda n: n.lineno)]
     body_start = first_body_line(backward, lines)
     returned_node = backward.body[-1]
     preamble, blanks = cut_at_blanks(lines[body_start:returned_node.lineno - 1], number)

@@ -1,245 +1,221 @@
-"""The exercises as Jupyter (or Colab) notebooks: how they are written, the ``check`` their last
-cell calls, and the headless grading of a saved notebook.
+"""The notebook's side of a check: ``exercise_inputs`` and ``check``, which a notebook's cells
+import.
 
-A notebook is built from the exercise's ``.py`` template (``exercises.template_parts``), so the
-two never drift apart: a markdown introduction, a cell that imports (or installs) the package,
-the setup cell with the forward pass done, one cell per blank (``d<name> = None  # TODO: ...``,
-the starter's own lines; exercise 4's blanks stay inside its ``backward`` function, which the
-check trains with), and a check cell.
-
-``check(N, {"logprobs": dlogprobs, ...})`` grades tensors passed to it (never the notebook's
-globals, never a ``.grad``) against a reference it computes itself from the seeded check batch,
-with the grading of ``--check`` (``checker.grade_gradients``), and shows the same table: HTML in
-Jupyter, text elsewhere. ``check_notebook`` grades a saved notebook without Jupyter: it runs the
-code cells in order in a fresh namespace (IPython magics and shell lines skipped, autograd
-switched off) and takes the result of the check cell's own ``check`` call. Every problem with the
-notebook itself (not JSON, not a notebook, a cell missing, an exit, a deleted name) is one line.
+``check(N, {"logprobs": dlogprobs, ...})`` grades gradients against a reference it computes
+itself from the exercise's seeded problem, with the grading of ``--check`` (``checker``), and
+shows the same table: HTML in Jupyter, text elsewhere. In Jupyter it first computes the
+gradients again under the same guard as ``--check`` (``guard``): the notebook's setup cell and
+the last run of each gradient cell (or of exercise 4's ``backward`` cell) run once more, in a
+namespace that holds the notebook's imports and functions but none of its tensors, and those
+gradients are graded, not whatever was passed. Outside Jupyter (a script) it grades what it is
+given. In a headless run (``notebook_run``) it grades nothing: it hands what it was given to the
+checker. Writing notebooks is ``notebook_build``'s job.
 """
 
 from __future__ import annotations
 
-import ast
 import builtins
 import html
-import inspect
-import json
-import linecache
-import os
 import re
-import sysconfig
-import warnings
-from contextlib import contextmanager
+import types
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Mapping
 
 from torch import Tensor
 
-from ..checking import atomic
 from ..data import Dataset, default_data_path
-from . import checker, exercises
-from .checker import CheckResult, LearnerError, Task
-from .exercises import TITLES, check_number
-from .hints import Context, first_wrong_advice
+from .answer import Answer
+from .checker import Problem, grade_answer
+from .exercises import LECTURE, check_number
+from .grading import CheckResult, Task, grade
+from .learner import LearnerError, call_learner
+from .notebook_run import NotebookCode, current_run, display_function, run_cell
+from .race import TrainingPlan, learner_run, make_plan
+from .run import graded_keys, passed_gradients
 
-META = "backprop_ninja"  # the key of this package's notebook and cell metadata
-KERNELSPEC = {"name": "python3", "display_name": "Python 3", "language": "python"}
-BLANK_LEFT_RE = re.compile(r"^\s*d(\w+)\s*=\s*None\b")
-
-
-# ---------------------------------------------------------------------------------------------
-# writing a notebook
-
-def notebook(number: int, solution: bool = False):
-    """The exercise's notebook: the starter, or with ``solution`` every blank filled in."""
-    import nbformat
-
-    check_number(number)
-    parts = exercises.template_parts(number)
-    cells = [markdown("intro", intro_text(number, parts)),
-             markdown("install-note", INSTALL_NOTE), code("install", INSTALL_CELL),
-             markdown("setup-note", SETUP_NOTE), code("setup", setup_source(number, parts)),
-             markdown("work-note", work_note(number)), *work_cells(number, parts, solution),
-             markdown("check-note", check_note(number)), code("check", check_source(number, parts))]
-    metadata = {"kernelspec": KERNELSPEC, "language_info": {"name": "python"},
-                META: {"exercise": number, "solution": solution}}
-    return nbformat.v4.new_notebook(cells=cells, metadata=metadata)
-
-
-def write_notebook(number: int, path: str | Path, solution: bool = False,
-                   force: bool = False) -> Path:
-    import nbformat
-
-    return exercises.write_new(path, nbformat.writes(notebook(number, solution)), force)
-
-
-def markdown(cell_id: str, text: str):
-    import nbformat
-
-    return nbformat.v4.new_markdown_cell(text, id=cell_id)
-
-
-def code(role: str, source: str, name: str | None = None):
-    """A code cell whose metadata says what it is for: the headless check finds cells by it."""
-    import nbformat
-
-    meta = {"role": role, **({"name": name} if name else {})}
-    cell_id = f"{role}-{name}" if name else role
-    return nbformat.v4.new_code_cell(source, id=cell_id, metadata={META: meta})
-
-
-def intro_text(number: int, parts: exercises.TemplateParts) -> str:
-    """The template's docstring, less what only a .py file needs, and how to work here."""
-    paragraphs = [markdown_safe(p) for p in parts.docstring.split("\n\n")
-                  if not p.startswith(("Contract", "Check it"))]
-    return "\n\n".join([f"# {TITLES[number].capitalize()}", *paragraphs, HOW_TO[number == 4]])
-
-
-def markdown_safe(text: str) -> str:
-    """``<name>`` outside code spans would be read as an HTML tag, and vanish."""
-    pieces = re.split(r"(`+[^`]*`+)", text)
-    return "".join(p if p.startswith("`") else html.escape(p, quote=False) for p in pieces)
-
-
-HOW_TO = {
-    False: "**In this notebook** the body of `backward()` is the cells under *Your gradients*, "
-           "one per blank, at the top level: the tensors `backward()` would get are variables "
-           "of the same names, set by the setup cell. Fill in the cells from the top down and "
-           "run them, then run the check cell: it grades your gradients against autograd on the "
-           "same batch (a row per tensor; the first wrong one named, with a hint).",
-    True: "**In this notebook** `backward()` is one cell, blanks and all: the check calls it on "
-          "the check batch, then trains the network with it for 500 steps. Fill in its blanks, "
-          "run it (try `backward(**inputs)`), then run the check cell.",
-}
-INSTALL_NOTE = ("This notebook needs the `backprop-ninja` package in its Python. If the next "
-                "cell says it is missing, set `SOURCE` in it to the project (its folder, a wheel "
-                "or a repository: anything `pip install` accepts) and run it again; it installs "
-                "the package with the notebook's own Python (in Colab too).")
-INSTALL_CELL = '''\
-SOURCE = None  # the backprop-ninja project, if it is not installed: anything pip install accepts
-import importlib
-import subprocess
-import sys
-
-try:
-    import backprop_ninja
-except ImportError:
-    if SOURCE is None:
-        raise ImportError("backprop_ninja is not installed in this notebook's Python: set "
-                          "SOURCE above to the project and run this cell again") from None
-    subprocess.check_call([sys.executable, "-m", "pip", "install", "--quiet", SOURCE])
-    importlib.invalidate_caches()
-    import backprop_ninja'''
-SETUP_NOTE = ("## The forward pass (done)\n\n`exercise_inputs` gives the lecture's check batch "
-              "(seeded: the same every time) and every tensor of the forward pass below, computed "
-              "on it, as plain tensors.")
-
-
-def work_note(number: int) -> str:
-    if number == 4:
-        return "## Your backward\n\nFill in each `d<name> = None`, from the loss down."
-    return ("## Your gradients\n\nOne cell per tensor, in backward order: replace `None` with "
-            "the gradient of the loss; the comment shows the forward line it comes from.")
-
-
-def check_note(number: int) -> str:
-    return ("## Check\n\nGrades what you pass it against autograd, computed afresh on the same "
-            "batch. From a terminal: `backprop-ninja exercise "
-            f"{number} --check THIS_NOTEBOOK.ipynb`.")
-
-
-def setup_source(number: int, parts: exercises.TemplateParts) -> str:
-    imports = ["import torch"] + [i for i in parts.imports if i != "import torch"]
-    lines = [*imports, "from backprop_ninja.learning.notebook import check, exercise_inputs",
-             "", "", parts.forward, "", "",
-             f"inputs = exercise_inputs({number})  # by name: what backward() gets"]
-    if number != 4:
-        lines += unpack_lines(parts.arguments)
-        lines += [parts.preamble] if parts.preamble else []
-    return "\n".join(lines)
-
-
-def unpack_lines(names: list[str], width: int = 99) -> list[str]:
-    """``a, b = inputs["a"], inputs["b"]`` lines for ``names``, each within ``width``."""
-    lines, group = [], []
-    for name in names:
-        trial = group + [name]
-        text = ", ".join(trial) + " = " + ", ".join(f'inputs["{n}"]' for n in trial)
-        if group and len(text) > width:
-            lines.append(", ".join(group) + " = " + ", ".join(f'inputs["{n}"]' for n in group))
-            trial = [name]
-        group = trial
-    if group:
-        lines.append(", ".join(group) + " = " + ", ".join(f'inputs["{n}"]' for n in group))
-    return lines
-
-
-def work_cells(number: int, parts: exercises.TemplateParts, solution: bool) -> list:
-    if number == 4:
-        return [code("backward", exercises.render(parts.backward, solution).rstrip("\n"))]
-    return [code("blank", blank.text(solution), blank.name) for blank in parts.blanks]
-
-
-def check_source(number: int, parts: exercises.TemplateParts, width: int = 99) -> str:
-    if number == 4:
-        return "result = check(4, backward)"
-    entries = [f'"{name}": {variable}' for name, variable in parts.returned]
-    one_line = f"result = check({number}, {{{', '.join(entries)}}})"
-    if len(one_line) <= width:
-        return one_line
-    lines, line = [], "   "
-    for entry in entries:
-        if len(line) + len(entry) + 2 > width:
-            lines.append(line.rstrip())
-            line = "   "
-        line += f" {entry},"
-    lines.append(line.rstrip(","))
-    return "\n".join([f"result = check({number}, {{", *lines, "})"])
-
-
-# ---------------------------------------------------------------------------------------------
-# the learner's side: the inputs, and check()
 
 def exercise_inputs(number: int, data_path: str | Path | None = None) -> dict[str, Tensor]:
-    """Every tensor the exercise's backward gets, by name, on the lecture's seeded check batch:
-    copies, so editing them cannot change what the check compares with."""
+    """Every tensor the exercise's backward gets, by name, on its seeded problem: copies, so
+    editing them cannot change what the check compares with."""
     check_number(number)
-    task = session(data_path).task(number)
-    return {name: value.clone() for name, value in task.inputs.items()}
+    run = current_run()
+    if run is not None and data_path is None:
+        if number != run.number:
+            raise ValueError(f"this is exercise {run.number}'s notebook, not exercise {number}'s")
+        return {name: value.clone() for name, value in run.inputs.items()}
+    return {name: value.clone() for name, value in session(data_path).task(number).inputs.items()}
 
 
-def check(number: int, answer, data_path: str | Path | None = None) -> CheckResult:
-    """Grade your gradients: ``check(1, {"logprobs": dlogprobs, ...})`` (exercises 1-3), or your
-    function: ``check(4, backward)``. Shows the table (HTML in Jupyter) and returns the result."""
+def check(number: int, answer, data_path: str | Path | None = None) -> CheckResult | None:
+    """Grade your gradients: ``check(1, {"logprobs": dlogprobs, ...})``, or your function:
+    ``check(4, backward)``. Shows the table (HTML in Jupyter) and returns the result."""
     check_number(number)
-    s = session(data_path)
-    result = grade_answer(number, answer, s)
-    if s.headless:
-        s.results.append((number, result))
-    else:
-        show(result)
+    run = current_run()
+    if run is not None and data_path is None:
+        run.results.append((number, answer))  # the headless checker grades it
+        return None
+    result = grade_in_notebook(number, answer, session(data_path))
+    show(result)
     return result
 
 
-def grade_answer(number: int, answer, s: Session) -> CheckResult:
-    task = s.task(number)
+@dataclass
+class Session:
+    """The problem of each exercise on one data file, made once per notebook kernel."""
+
+    data_path: str | None = None
+    tasks: dict[int, Task] = field(default_factory=dict)
+    setup: object = None
+    plan: TrainingPlan | None = None
+
+    def task(self, number: int) -> Task:
+        # the references are imported here, when a kernel grades, never in a headless run: the
+        # check's child process does not hold the right answers
+        from . import tasks, zoo_exercises
+        from ..checking import atomic
+
+        if number not in self.tasks:
+            if number in LECTURE:
+                self.setup = self.setup or atomic.lecture_check_setup(self.data_path)
+                self.tasks[number] = tasks.make_task(number, self.setup)
+            else:
+                self.tasks[number] = zoo_exercises.TASKS[number]()
+        return self.tasks[number]
+
+    def training_plan(self) -> TrainingPlan:
+        if self.plan is None:
+            self.task(4)
+            self.plan = make_plan(Dataset.load(self.data_path or default_data_path()),
+                                  self.setup.cfg)
+        return self.plan
+
+
+SESSIONS: dict[str | None, Session] = {}
+
+
+def session(data_path: str | Path | None) -> Session:
+    key = None if data_path is None else str(data_path)
+    return SESSIONS.setdefault(key, Session(key))
+
+
+def grade_in_notebook(number: int, answer, s: Session) -> CheckResult:
+    task = s.task(number)  # the reference first: the learner's cells rerun under the guard
+    plan = s.training_plan() if number == 4 else None
     try:
-        if callable(answer):
-            code_ = s.code(answer)
-            data = s.dataset() if number == 4 else None
-            grade = checker.grade_function(number, answer, code_, task, s.check_setup(), data)
-        elif number == 4:
-            raise LearnerError("exercise 4 trains the network with your backward on new "
-                               "batches: pass the function itself, check(4, backward)")
-        elif isinstance(answer, Mapping):
-            grade = checker.grade_gradients(task, answer, s.code(None))
+        given = recomputed(number, answer, task)
+        code = NotebookCode(None, given if callable(given) else None)
+        problem = Problem(number, Path("your notebook"), task, code, plan)
+        if callable(given):
+            gradients = call_learner(given, code, task.inputs)
+            result = Answer(gradients=graded_keys(gradients, task.names))
+            if number == 4 and grade(task, result.gradients, code).ok:
+                try:
+                    result.training = learner_run(given, code, plan)
+                except LearnerError as e:
+                    result.training_error = str(e)
         else:
-            raise LearnerError(f"check({number}, ...) takes a dict from each tensor's name to its "
-                               f"gradient, e.g. {{\"logits\": dlogits}}, not a "
-                               f"{type(answer).__name__}")
+            result = Answer(gradients=passed_gradients(number, given))
     except LearnerError as e:
-        return CheckResult(f"{TITLES[number]}\n{e}", False)
-    return CheckResult(grade.text(), grade.ok, grade)
+        result = Answer(error=str(e), partial=dict(e.partial))
+        problem = Problem(number, Path("your notebook"), task, NotebookCode(None), plan)
+    return grade_answer(problem, result)
+
+
+# ---------------------------------------------------------------------------------------------
+# in Jupyter: the cells that compute the gradients, run again under the guard
+
+BLANK_CELL_RE = re.compile(r"^d(\w+)\b[^=\n]*[-+*/]?=(?!=)", re.M)
+SETUP_RE = re.compile(r"exercise_inputs\((\d+)")
+BACKWARD_RE = re.compile(r"^def backward\(", re.M)
+
+
+@dataclass
+class Recorded:
+    """The last successful run of each cell that matters to a check, by what it sets."""
+
+    setup: dict[int, tuple[int, str]] = field(default_factory=dict)      # exercise -> cell
+    gradient: dict[str, tuple[int, str]] = field(default_factory=dict)   # name -> cell
+    backward: tuple[int, str] | None = None
+
+
+RECORDED = Recorded()
+
+
+def record_cell(result) -> None:
+    """IPython's post_run_cell: keep the source of a cell that sets up or computes gradients."""
+    if not getattr(result, "success", False):
+        return
+    source = getattr(result.info, "raw_cell", "") or ""
+    cell = (result.execution_count or 0, source)
+    for number in SETUP_RE.findall(source):
+        RECORDED.setup[int(number)] = cell
+    for name in BLANK_CELL_RE.findall(source):
+        RECORDED.gradient[name] = cell
+    if BACKWARD_RE.search(source):
+        RECORDED.backward = cell
+
+
+def ipython():
+    try:
+        from IPython import get_ipython
+    except ImportError:
+        return None
+    return get_ipython()
+
+
+def register_recorder() -> None:
+    shell = ipython()
+    if shell is not None and record_cell not in shell.events.callbacks["post_run_cell"]:
+        shell.events.register("post_run_cell", record_cell)
+
+
+register_recorder()
+
+
+def recomputed(number: int, answer, task: Task):
+    """In Jupyter: the answer computed again from the recorded cells, under the guard, in a
+    namespace without the notebook's tensors. Elsewhere: the answer as given."""
+    shell = ipython()
+    if shell is None:
+        return answer
+    if number not in RECORDED.setup:
+        raise LearnerError(f"check({number}, ...) grades the gradients your cells compute: run "
+                           f"the setup cell (the one that calls exercise_inputs({number})), then "
+                           "your cells, then the check cell")
+    namespace = clean_namespace(shell.user_ns)
+    cells = [RECORDED.setup[number]]
+    if number == 4:
+        if RECORDED.backward is None:
+            raise LearnerError("check(4, backward) grades the backward your cell defines: run "
+                               "the cell that defines it, then the check cell")
+        cells.append(RECORDED.backward)
+    else:
+        cells += [RECORDED.gradient[n] for n in task.names if n in RECORDED.gradient]
+    code = NotebookCode(None)
+    names = task.names if number != 4 else ()
+    for count, source in dict.fromkeys(cells):
+        run_cell(source, f"Cell In[{count}]", namespace, code, names)
+    if number == 4:
+        return namespace.get("backward")
+    if not isinstance(answer, Mapping):
+        return answer  # refused as it is
+    return {name: namespace.get(f"d{name}") for name in answer}
+
+
+KEPT = (types.ModuleType, types.FunctionType, types.BuiltinFunctionType, type, int, float, str,
+        bool, complex, type(None))
+
+
+def clean_namespace(user_ns: dict) -> dict:
+    """The notebook's imports, functions, classes and plain numbers; no tensors, nothing that
+    could hold one."""
+    namespace = {k: v for k, v in user_ns.items()
+                 if not k.startswith("_") and k not in ("In", "Out", "exit", "quit")
+                 and isinstance(v, KEPT)}
+    namespace.update({"__name__": "__main__", "__builtins__": builtins,
+                      "display": display_function()})
+    return namespace
 
 
 def show(result: CheckResult) -> None:
@@ -256,21 +232,34 @@ def show(result: CheckResult) -> None:
 
 
 def result_html(result: CheckResult) -> str:
-    """The check's table in HTML (tensor, shape, exact, approx, maxdiff) and its messages."""
+    """The check's table in HTML (tensor, shape, exact, approx, maxdiff), the first wrong row
+    marked, and below it what the text says under its table (the first wrong one, its hint)."""
     g = result.grade
     if g is None:
-        return f"<pre>{html.escape(result.text)}</pre>"
+        return f'<pre class="backprop-ninja-check">{html.escape(result.text)}</pre>'
     title, *more = g.title.split("\n")
-    rows = "".join(row_html(r) for r in g.rows)
+    first = next((r.name for r in g.rows if not r.approx), None)
+    rows = "".join(row_html(r, r.name == first) for r in g.rows)
     head = "".join(f"<th>{h}</th>" for h in ("tensor", "shape", "exact", "approx", "maxdiff"))
     tail = "\n".join(g.after_table()).strip()
-    return (f"<p><b>{html.escape(title)}</b>{''.join('<br>' + html.escape(m) for m in more)}</p>"
+    return (f'<div class="backprop-ninja-check"><p><b>{html.escape(title)}</b>'
+            f"{''.join('<br>' + html.escape(m) for m in more)}</p>"
             f"<table><thead><tr>{head}</tr></thead><tbody>{rows}</tbody></table>"
-            f"<pre>{html.escape(tail)}</pre>")
+            f"<pre>{html.escape(tail)}</pre></div>")
 
 
-def row_html(r) -> str:
-    style = "" if r.approx else ' style="background-color: rgba(255, 0, 0, 0.15)"'
+WRONG = "background-color: rgba(255, 0, 0, 0.15)"
+FIRST_WRONG = "background-color: rgba(255, 0, 0, 0.35); font-weight: bold"
+
+
+def row_html(r, first_wrong: bool = False) -> str:
+    """One row; a wrong one tinted, the first wrong one (the one to fix) marked."""
+    if r.approx:
+        opening = "<tr>"
+    elif first_wrong:
+        opening = f'<tr class="first-wrong" style="{FIRST_WRONG}" title="the first wrong one">'
+    else:
+        opening = f'<tr class="wrong" style="{WRONG}">'
     if r.problem is not None:
         shape, exact, approx, diff = "-", "-", "-", f"d{r.name} {r.problem}"
     elif not r.shape_ok:
@@ -279,357 +268,7 @@ def row_html(r) -> str:
     else:
         shape, exact, approx, diff = str(list(r.shape)), str(r.exact), str(r.approx), \
             f"{r.maxdiff:.3g}"
-    cells = "".join(f"<td>{html.escape(c)}</td>" for c in (r.name, shape, exact, approx, diff))
-    return f"<tr{style}>{cells}</tr>"
-
-
-# ---------------------------------------------------------------------------------------------
-# where the check batch comes from, and where the learner's code is
-
-@dataclass
-class Session:
-    """The check batch of one data file, made once, and the reference of each exercise on it. A
-    headless run has its own (with the cells it runs); a notebook shares one per data file."""
-
-    data_path: str | None = None
-    setup: atomic.CheckSetup | None = None
-    data: Dataset | None = None
-    headless: bool = False
-    cells: NotebookCells | None = None
-    results: list[tuple[int, CheckResult]] = field(default_factory=list)
-    tasks: dict[int, Task] = field(default_factory=dict)
-
-    def check_setup(self) -> atomic.CheckSetup:
-        if self.setup is None:
-            self.setup = atomic.lecture_check_setup(self.data_path)
-        return self.setup
-
-    def dataset(self) -> Dataset:
-        if self.data is None:
-            self.data = Dataset.load(self.data_path or default_data_path())
-        return self.data
-
-    def task(self, number: int) -> Task:
-        if number not in self.tasks:
-            self.tasks[number] = checker.make_task(number, self.check_setup())
-        return self.tasks[number]
-
-    def code(self, fn) -> NotebookCode:
-        return NotebookCode(self.cells, fn)
-
-
-SESSIONS: dict[str | None, Session] = {}
-HEADLESS: list[Session] = []  # the session of the headless run under way, if one is
-
-
-def session(data_path: str | Path | None) -> Session:
-    if HEADLESS and data_path is None:
-        return HEADLESS[-1]
-    key = None if data_path is None else str(data_path)
-    return SESSIONS.setdefault(key, Session(key))
-
-
-@dataclass
-class NotebookCode:
-    """The learner's code in a notebook, as messages name it. Headless, the cells carry names
-    (``ex1.ipynb, cell 12 (dprobs)``); in Jupyter, a frame is the learner's when it is not the
-    library's, and IPython names its cell. ``fn``: the function being graded, whose source shows
-    which blanks are left."""
-
-    cells: NotebookCells | None
-    fn: object = None
-
-    def __str__(self) -> str:
-        return str(self.cells.path) if self.cells else "your notebook"
-
-    def owns(self, filename: str) -> bool:
-        if self.cells:
-            return filename.startswith(self.cells.prefix)
-        return not filename.startswith("<frozen") and \
-            not os.path.realpath(filename).startswith(library_dirs())
-
-    def where(self, filename: str, lineno: int) -> str:
-        return f"{filename if self.cells else ipython_cell(filename)}, line {lineno}"
-
-    def advice(self, name: str, ctx: Context, names: tuple[str, ...], alternatives) -> str:
-        if name not in ctx.got or ctx.got[name] is not None:
-            return first_wrong_advice(name, ctx, None, alternatives)
-        left = self.function_blanks() if self.fn else self.cell_blanks(ctx, names)
-        if name not in left:
-            return f"d{name} is None: it must be a tensor of {name}'s shape"
-        first = next(iter(left))
-        text = f"d{name} is still None: fill in {left[name][0]}"
-        return text if first == name else \
-            f"{text}, after the first blank above it, d{first}{left[first][1]}"
-
-    def cell_blanks(self, ctx: Context, names: tuple[str, ...]) -> dict[str, tuple[str, str]]:
-        """The gradients passed as None, in backward order (the cells' order): how to name the
-        blank, and how to name it as the first one above."""
-        def cell(name: str) -> tuple[str, str]:
-            k = self.cells.blanks.get(f"d{name}") if self.cells else None
-            return (f"its cell (cell {k})", f" (cell {k})") if k else ("its cell", "")
-        return {n: cell(n) for n in names if n in ctx.got and ctx.got[n] is None}
-
-    def function_blanks(self) -> dict[str, tuple[str, str]]:
-        """The ``d<name> = None`` lines left in the graded function, in order, and where."""
-        try:
-            lines, start = inspect.getsourcelines(self.fn)
-            filename = self.fn.__code__.co_filename
-        except (OSError, TypeError, AttributeError):
-            return {}
-        left: dict[str, tuple[str, str]] = {}
-        for i, line in enumerate(lines):
-            match = BLANK_LEFT_RE.match(line)
-            if match and match.group(1) not in left:
-                where = self.where(filename, start + i)
-                left[match.group(1)] = (f"the blank at {where}", f" at {where}")
-        return left
-
-
-def library_dirs() -> tuple[str, ...]:
-    """Where code that is not the learner's lives: the standard library, installed packages and
-    this package (which may be installed from a source tree)."""
-    paths = sysconfig.get_paths()
-    dirs = {paths[k] for k in ("stdlib", "platstdlib", "purelib", "platlib")}
-    dirs.add(str(Path(__file__).resolve().parents[1]))
-    return tuple(os.path.realpath(d) + os.sep for d in dirs)
-
-
-def ipython_cell(filename: str) -> str:
-    """IPython's name of the cell a function came from (``Cell In[7]``) when it keeps one."""
-    try:
-        from IPython import get_ipython
-
-        return f"Cell In[{get_ipython().compile._filename_map[filename]}]"
-    except Exception:  # no IPython, no shell, or a version that keeps no such map
-        return "your cell"
-
-
-# ---------------------------------------------------------------------------------------------
-# grading a saved notebook without Jupyter
-
-@dataclass
-class NotebookCells:
-    """The cells the headless check needs, by 1-based position, and their names in messages."""
-
-    path: Path
-    setup: int
-    check: int
-    blanks: dict[str, int]      # d<name> (or "backward", exercise 4) -> its cell
-
-    @property
-    def prefix(self) -> str:
-        return f"{self.path}, cell "
-
-    def label(self, k: int) -> str:
-        """The cell as a message names it, and the file name its code runs under."""
-        names = {self.setup: "setup", self.check: "check",
-                 **{v: n for n, v in self.blanks.items()}}
-        return f"{self.prefix}{k}" + (f" ({names[k]})" if k in names else "")
-
-
-def check_notebook(number: int, path: str | Path, data_path: str | Path | None = None,
-                   setup: atomic.CheckSetup | None = None,
-                   data: Dataset | None = None) -> CheckResult:
-    """Grade a saved notebook as its check cell would in Jupyter: run its code cells in order up
-    to the check cell, in a fresh namespace, and return what that cell's ``check`` gave."""
-    check_number(number)
-    path = Path(path)
-    checker.require_file(path)
-    try:
-        nb = read_notebook(path, number)
-        cells = find_cells(nb, number, path)
-        s = Session(None if data_path is None else str(data_path), setup, data, headless=True,
-                    cells=cells)
-        return run_cells(nb, number, cells, s)
-    except LearnerError as e:
-        return CheckResult(f"{TITLES[number]}\n{e}", False)
-
-
-def read_notebook(path: Path, number: int):
-    """The notebook in ``path``, validated; anything else is one line saying what is wrong."""
-    import nbformat
-
-    again = f"start again from: backprop-ninja exercise {number} --init NEW.ipynb"
-    try:
-        text = path.read_text(encoding="utf-8")
-        raw = json.loads(text)
-    except UnicodeDecodeError:
-        raise LearnerError(f"{path} is not UTF-8 text, so not a notebook; {again}") from None
-    except json.JSONDecodeError as e:
-        raise LearnerError(f"{path} is not valid JSON (line {e.lineno}, column {e.colno}: "
-                           f"{e.msg}), so not a notebook: was it saved completely? Or {again}") \
-            from None
-    if not isinstance(raw, dict) or "nbformat" not in raw:
-        raise LearnerError(f"{path} is JSON but not a Jupyter notebook (it has no nbformat "
-                           f"version); {again}")
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            nb = nbformat.convert(nbformat.reader.reads(text), 4)
-            nbformat.validate(nb)
-    except (nbformat.ValidationError, ValueError, KeyError, TypeError, AttributeError) as e:
-        reason = str(getattr(e, "message", e)).splitlines()[0] if str(e) else type(e).__name__
-        raise LearnerError(f"{path} is not a valid Jupyter notebook ({reason[:200]}); "
-                           f"{again}") from None
-    other = nb.metadata.get(META, {}).get("exercise")
-    if isinstance(other, int) and other != number:
-        raise LearnerError(f"{path} is exercise {other}'s notebook; check it with: "
-                           f"backprop-ninja exercise {other} --check {path}")
-    return nb
-
-
-def find_cells(nb, number: int, path: Path) -> NotebookCells:
-    """The setup, blank (or backward) and check cells: by their metadata, or failing that (a
-    cell copied without it) by what they do. A missing one is one line naming it."""
-    found: dict[str, int] = {}
-    wanted = ["backward"] if number == 4 else \
-        [b.name for b in exercises.template_parts(number).blanks]
-    for k, cell in enumerate(nb.cells, 1):
-        if cell.cell_type != "code":
-            continue
-        for role in cell_roles(cell, number, wanted):
-            found.setdefault(role, k)
-    missing_cell("setup", found, path, f"the one that calls exercise_inputs({number})", number)
-    missing = [name for name in wanted if name not in found]
-    if missing:
-        what = "defining backward(...)" if number == 4 else \
-            "for " + ", ".join(missing) + f" (its blank: {blank_of(number, missing[0])})"
-        raise LearnerError(f"{path} has no cell {what}; put it back above the check cell, e.g. "
-                           f"from a new notebook: backprop-ninja exercise {number} --init "
-                           "NEW.ipynb")
-    missing_cell("check", found, path, f"the one that calls check({number}, ...)", number)
-    return NotebookCells(path, found["setup"], found["check"], {n: found[n] for n in wanted})
-
-
-def missing_cell(role: str, found: dict[str, int], path: Path, what: str, number: int) -> None:
-    if role not in found:
-        raise LearnerError(f"{path} has no {role} cell ({what}); copy it from a new notebook: "
-                           f"backprop-ninja exercise {number} --init NEW.ipynb")
-
-
-def blank_of(number: int, name: str) -> str:
-    blank = next(b for b in exercises.template_parts(number).blanks if b.name == name)
-    return blank.text(solution=False)
-
-
-def cell_roles(cell, number: int, wanted: list[str]) -> list[str]:
-    meta = cell.metadata.get(META, {})
-    roles = [meta.get("name") or meta.get("role")] if isinstance(meta, dict) else []
-    source = cell.source
-    if f"exercise_inputs({number}" in source:
-        roles.append("setup")
-    if re.search(rf"^\s*\w+\s*=\s*check\({number}\b|^check\({number}\b", source, re.M):
-        roles.append("check")
-    if number == 4 and re.search(r"^def backward\(", source, re.M):
-        roles.append("backward")
-    roles += [n for n in wanted if re.search(rf"^{n}\b[^=\n]*[-+*/]?=(?!=)", source, re.M)]
-    return [r for r in roles if r]
-
-
-def run_cells(nb, number: int, cells: NotebookCells, s: Session) -> CheckResult:
-    """Run the code cells up to the check cell in one fresh namespace, autograd off outside the
-    check cell, then the check cell; its check() call is the result."""
-    namespace = {"__name__": "__main__", "__builtins__": builtins, "display": display_function()}
-    with headless(s):
-        task = s.task(number)  # the reference first: autograd is off in the learner's cells
-        for k, cell in enumerate(nb.cells[:cells.check], 1):
-            if cell.cell_type != "code":
-                continue
-            if k == cells.check:
-                check_names(cell.source, namespace, cells.label(k))
-                done = len(s.results)
-                run_cell(cell.source, cells.label(k), namespace, number, task, s)
-                return check_cell_result(s.results[done:], number, cells.label(k))
-            with checker.autograd_forbidden():
-                run_cell(cell.source, cells.label(k), namespace, number, task, s)
-    raise AssertionError("find_cells found the check cell")
-
-
-def run_cell(source: str, label: str, namespace: dict, number: int, task: Task,
-             s: Session) -> None:
-    """One cell under its label (linecache keeps its source, for tracebacks and inspect)."""
-    text = without_magics(source)
-    linecache.cache[label] = (len(text), None, text.splitlines(True), label)
-    try:
-        compiled = compile(text, label, "exec")
-    except SyntaxError as e:
-        line = f"\n    {e.text.strip()}" if e.text and e.text.strip() else ""
-        raise LearnerError(f"{label}, line {e.lineno}: SyntaxError: {e.msg}{line}") from None
-    try:
-        with checker.no_hard_exit():
-            exec(compiled, namespace)
-    except (Exception, SystemExit) as e:
-        code_ = s.code(None)
-        error = LearnerError(checker.describe_exception(e, code_, "while running the cell"),
-                             computed_in(namespace, task) if number != 4 else {})
-        raise checker.explain_failure(error, task, code_) from None
-
-
-def computed_in(namespace: dict, task: Task) -> dict[str, Tensor]:
-    """The gradients the cells above had computed, for the advice when a cell raises."""
-    return {n: namespace[f"d{n}"] for n in task.names
-            if isinstance(namespace.get(f"d{n}"), Tensor)}
-
-
-def without_magics(source: str) -> str:
-    """The cell with IPython magics and shell lines (``%pip``, ``!ls``) made ``pass``: they need
-    a Jupyter kernel, and the headless check has none. A cell magic skips its cell, except the
-    ones that run the cell's Python as it is (``%%time``, ``%%capture``)."""
-    lines = source.splitlines()
-    if lines and lines[0].startswith("%%"):
-        if lines[0].split()[0] not in ("%%time", "%%timeit", "%%capture", "%%prun"):
-            return ""
-        lines = ["pass"] + lines[1:]
-    return "\n".join(re.sub(r"^(\s*)[%!].*$", r"\1pass", line) for line in lines)
-
-
-def check_names(source: str, namespace: dict, label: str) -> None:
-    """Before the check cell: the names it passes are there, and check is still the checker's."""
-    try:
-        tree = ast.parse(without_magics(source))
-    except SyntaxError:
-        return  # run_cell reports it with its line
-    names = [n for n in ast.walk(tree) if isinstance(n, ast.Name)]
-    used = {n.id for n in names if isinstance(n.ctx, ast.Load)}
-    set_here = {n.id for n in names if not isinstance(n.ctx, ast.Load)}
-    missing = sorted(n for n in used - set_here if n not in namespace and not hasattr(builtins, n))
-    if missing:
-        raise LearnerError(f"{label}: {', '.join(missing)} not defined any more: a cell above "
-                           "deleted or never set it; run the notebook from the top, or put it "
-                           "back")
-    if "check" in used and namespace.get("check") is not check:
-        raise LearnerError(f"{label}: check is no longer the checker's function (a cell above "
-                           "replaced it): put back: from backprop_ninja.learning.notebook "
-                           "import check")
-
-
-def check_cell_result(results: list[tuple[int, CheckResult]], number: int,
-                      label: str) -> CheckResult:
-    if not results:
-        raise LearnerError(f"{label}: the check cell did not call check({number}, ...)")
-    called, result = results[-1]
-    if called != number:
-        raise LearnerError(f"{label}: the check cell grades exercise {called}, but this is "
-                           f"exercise {number}'s check")
-    return result
-
-
-def display_function():
-    """IPython's display where installed (it prints text without a notebook), else print:
-    a learner's cell may call display() as it would in Jupyter."""
-    try:
-        from IPython.display import display
-    except ImportError:
-        return print
-    return display
-
-
-@contextmanager
-def headless(s: Session):
-    """``check`` and ``exercise_inputs`` use ``s`` meanwhile, and check() records, not shows."""
-    HEADLESS.append(s)
-    try:
-        yield s
-    finally:
-        HEADLESS.pop()
+    name = f"&#10007; {html.escape(r.name)}" if first_wrong else html.escape(r.name)
+    cells = "".join(f"<td>{c}</td>" for c in
+                    (name, *(html.escape(c) for c in (shape, exact, approx, diff))))
+    return f"{opening}{cells}</tr>"

@@ -10,7 +10,7 @@ Each has a template in ``templates/exerciseN.py`` (rendered like exercises 1 to 
 random upstream gradient (a constant one lets a backward that drops a term pass), whose
 reference gradients autograd computes through a forward written here independently of the
 template's (torch.nn.functional's layer_norm, the batchnorm from its definition, ...). The
-learner's backward is called and graded by ``checker.call_and_grade``, so the first wrong
+learner's backward is called and graded by ``grading.call_and_grade``, so the first wrong
 tensor is named with a hint from ``hints_zoo``.
 
 Entry points for the command line: ``ZOO_TITLES``, ``ZOO_NAMES``, ``ZOO_CHECKS`` (number ->
@@ -28,12 +28,12 @@ from pathlib import Path
 from typing import Callable
 
 import torch
-import torch.nn.functional as F
+from torch.nn import functional
 from torch import Tensor
 
 from ..errors import UserError
-from .checker import (CheckResult, Grade, LearnerError, PyFile, Task, call_and_grade,
-                      learner_function, load_learner)
+from .grading import CheckResult, Grade, Task, call_and_grade
+from .learner import LearnerError, PyFile, learner_function, load_learner
 from .exercises import TITLES
 from .hints import Context
 from .hints_zoo import (causal_mask, exercise5_alternatives, exercise6_alternatives,
@@ -94,7 +94,7 @@ def make_task(number: int, inputs: dict[str, Tensor], values: dict[str, Tensor],
 
 
 def layernorm_reference(x: Tensor, weight: Tensor, bias: Tensor):
-    xhat = F.layer_norm(x, x.shape[-1:], eps=EPS)
+    xhat = functional.layer_norm(x, x.shape[-1:], eps=EPS)
     return weight * xhat + bias, {"xhat": xhat}
 
 
@@ -111,7 +111,7 @@ def exercise5_task(n: int = 4, T: int = 5, C: int = 8) -> Task:
 
 def attention_reference(q: Tensor, k: Tensor, v: Tensor):
     """The masked softmax written out, so that the scores and att have gradients of their own
-    (F.scaled_dot_product_attention fuses them away; the tests compare its y with this one)."""
+    (functional.scaled_dot_product_attention fuses them away; the tests compare its y with this one)."""
     T, hs = q.shape[-2:]
     scores = q @ k.transpose(-2, -1) * hs ** -0.5
     att = scores.masked_fill(~causal_mask(T), float("-inf")).softmax(-1)
@@ -177,7 +177,7 @@ TASKS = {5: exercise5_task, 6: exercise6_task, 7: exercise7_task, 8: exercise8_t
 
 def check_task(number: int, fn: Callable, path: str | Path) -> Grade:
     """Call the learner's backward on exercise ``number``'s problem and grade it; an error in
-    their code raises checker.LearnerError, already phrased for them."""
+    their code raises learner.LearnerError, already phrased for them."""
     return call_and_grade(TASKS[number](), fn, PyFile(Path(path)))
 
 

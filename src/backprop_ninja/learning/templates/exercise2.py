@@ -17,8 +17,14 @@ Each row of a correct dlogits sums to zero; see it with: backprop-ninja plot dlo
 Dimension letters: n batch, V vocab size.
 """
 
-import torch
-import torch.nn.functional as F
+try:
+    import torch
+    import torch.nn.functional as F
+except ImportError:  # a Python without torch (the system's): say how to run this file
+    if __name__ != "__main__":
+        raise
+    raise SystemExit("this Python has no torch: run the file with the project's "
+                     "Python, e.g. .venv/bin/backprop-ninja exercise 2 --check " + __file__)
 
 
 def forward(logits, Yb):
@@ -42,5 +48,7 @@ if __name__ == "__main__":
     try:
         from backprop_ninja.cli import main
     except ImportError:
-        sys.exit("fill in the blank, then run: backprop-ninja exercise 2 --check " + __file__)
+        sys.exit("backprop-ninja is not installed in this Python: fill in the blank, then "
+                 "run the file with the project's Python, e.g. .venv/bin/backprop-ninja "
+                 "exercise 2 --check " + __file__)
     sys.exit(main(["exercise", "2", "--check", __file__]))

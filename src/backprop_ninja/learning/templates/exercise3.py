@@ -44,5 +44,7 @@ if __name__ == "__main__":
     try:
         from backprop_ninja.cli import main
     except ImportError:
-        sys.exit("fill in the blank, then run: backprop-ninja exercise 3 --check " + __file__)
+        sys.exit("backprop-ninja is not installed in this Python: fill in the blank, then "
+                 "run the file with the project's Python, e.g. .venv/bin/backprop-ninja "
+                 "exercise 3 --check " + __file__)
     sys.exit(main(["exercise", "3", "--check", __file__]))

@@ -17,8 +17,14 @@ Check it (one batch against autograd, then a short training run against the refe
 Dimension letters: n batch, T block_size, E n_embd, H n_hidden, V vocab size.
 """
 
-import torch
-import torch.nn.functional as F
+try:
+    import torch
+    import torch.nn.functional as F
+except ImportError:  # a Python without torch (the system's): say how to run this file
+    if __name__ != "__main__":
+        raise
+    raise SystemExit("this Python has no torch: run the file with the project's "
+                     "Python, e.g. .venv/bin/backprop-ninja exercise 4 --check " + __file__)
 
 
 def forward(p, Xb, Yb):
@@ -94,5 +100,7 @@ if __name__ == "__main__":
     try:
         from backprop_ninja.cli import main
     except ImportError:
-        sys.exit("fill in the blanks, then run: backprop-ninja exercise 4 --check " + __file__)
+        sys.exit("backprop-ninja is not installed in this Python: fill in the blanks, then "
+                 "run the file with the project's Python, e.g. .venv/bin/backprop-ninja "
+                 "exercise 4 --check " + __file__)
     sys.exit(main(["exercise", "4", "--check", __file__]))

@@ -19,7 +19,13 @@ Check it:
 Dimension letters: n batch, T positions, C features; m = n*T, the values per feature.
 """
 
-import torch
+try:
+    import torch
+except ImportError:  # a Python without torch (the system's): say how to run this file
+    if __name__ != "__main__":
+        raise
+    raise SystemExit("this Python has no torch: run the file with the project's "
+                     "Python, e.g. .venv/bin/backprop-ninja exercise 7 --check " + __file__)
 
 
 def forward(x, gain, bias):
@@ -52,5 +58,7 @@ if __name__ == "__main__":
     try:
         from backprop_ninja.cli import main
     except ImportError:
-        sys.exit("fill in the blanks, then run: backprop-ninja exercise 7 --check " + __file__)
+        sys.exit("backprop-ninja is not installed in this Python: fill in the blanks, then "
+                 "run the file with the project's Python, e.g. .venv/bin/backprop-ninja "
+                 "exercise 7 --check " + __file__)
     sys.exit(main(["exercise", "7", "--check", __file__]))
