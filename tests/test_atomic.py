@@ -1,15 +1,13 @@
 """Exercises 1-3 on the lecture's check setup, and exercise 1 against float64 finite differences."""
 
-import random
-from pathlib import Path
 
 import pytest
 import torch
-from torch.nn import functional
 
 from backprop_ninja.checking import atomic
 from backprop_ninja.checking.gradcheck import finite_difference_grads, relative_error
 from backprop_ninja.models import mlp
+from helpers import lecture_loss_with_plain_torch
 
 
 KERNELS = ("a float32 bound measured on x86 CPU kernels (torch 2.13 CPU build); on other hardware "
@@ -19,40 +17,6 @@ KERNELS = ("a float32 bound measured on x86 CPU kernels (torch 2.13 CPU build); 
 @pytest.fixture(scope="module")
 def report():
     return atomic.run_check(atomic.lecture_check_setup())
-
-
-def lecture_loss_with_plain_torch() -> float:
-    """The lecture's setup written out again with torch alone (none of this project's code): the
-    names split 80/10/10 by random.seed(42), contexts of 3, every tensor from the generator seeded
-    2147483647 in the lecture's order (C, W1, b1, W2, b2, then the batch of 32), bngain and bnbias
-    drawn after the batch (the lecture took them from the unseeded global RNG), batchnorm with
-    Bessel's n-1, and torch.nn.functional's cross_entropy."""
-    path = Path(__file__).resolve().parents[1] / "src" / "backprop_ninja" / "data" / "names.txt"
-    words = [w.strip() for w in path.read_text().splitlines() if w.strip()]
-    stoi = {ch: i + 1 for i, ch in enumerate(sorted(set("".join(words))))}
-    random.Random(42).shuffle(words)
-    xs, ys = [], []
-    for w in words[:int(0.8 * len(words))]:
-        context = [0, 0, 0]
-        for ch in w + ".":
-            ix = stoi.get(ch, 0)
-            xs.append(context)
-            ys.append(ix)
-            context = context[1:] + [ix]
-    Xtr, Ytr = torch.tensor(xs), torch.tensor(ys)
-    V, g = len(stoi) + 1, torch.Generator().manual_seed(2147483647)
-    C = torch.randn((V, 10), generator=g)
-    W1 = torch.randn((30, 64), generator=g) * (5 / 3) / 30 ** 0.5
-    b1 = torch.randn(64, generator=g) * 0.1
-    W2 = torch.randn((64, V), generator=g) * 0.1
-    b2 = torch.randn(V, generator=g) * 0.1
-    ix = torch.randint(0, Xtr.shape[0], (32,), generator=g)
-    bngain = torch.randn((1, 64), generator=g) * 0.1 + 1.0
-    bnbias = torch.randn((1, 64), generator=g) * 0.1
-    hprebn = C[Xtr[ix]].view(32, -1) @ W1 + b1
-    hpreact = bngain * (hprebn - hprebn.mean(0, keepdim=True)) / \
-        (hprebn.var(0, keepdim=True, unbiased=True) + 1e-5).sqrt() + bnbias
-    return functional.cross_entropy(torch.tanh(hpreact) @ W2 + b2, Ytr[ix]).item()
 
 
 def test_loss_at_init_is_the_lecture_batchs(report):
