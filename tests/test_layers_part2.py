@@ -8,10 +8,10 @@ import torch
 from hypothesis import given, settings, strategies as st
 
 from backprop_ninja.errors import UserError
-from backprop_ninja.nn import attention as AT
-from backprop_ninja.nn import dropout as DR
+from backprop_ninja.nn import attention
+from backprop_ninja.nn import dropout
 from backprop_ninja.nn import normalisation
-from backprop_ninja.nn import transformer as TF
+from backprop_ninja.nn import transformer
 from backprop_ninja.checking.registry import REGISTRY, check_layer
 
 F64 = torch.float64
@@ -66,17 +66,17 @@ def test_attention_is_causal(n, T, nh, hs, seed, data):
     g = torch.Generator().manual_seed(seed)
     C = nh * hs
     x, params = randn(g, n, T, C), attention_params(g, C)
-    out, cache = AT.attention_forward(x, *params, nh)
+    out, cache = attention.attention_forward(x, *params, nh)
     # changing later inputs leaves earlier outputs as they were
     x2 = x.clone()
     x2[:, t0:] += randn(g, n, T - t0, C)
-    out2, _ = AT.attention_forward(x2, *params, nh)
+    out2, _ = attention.attention_forward(x2, *params, nh)
     torch.testing.assert_close(out2[:, :t0], out[:, :t0], atol=1e-12, rtol=0)
     assert not torch.allclose(out2[:, t0:], out[:, t0:])  # and the change did reach the later ones
     # an upstream gradient on the earlier outputs alone gives the later inputs exactly none
     dout = torch.zeros_like(out)
     dout[:, :t0] = randn(g, n, t0, C)
-    dx = AT.attention_backward(dout, cache)[0]
+    dx = attention.attention_backward(dout, cache)[0]
     assert torch.all(dx[:, t0:] == 0)
     assert torch.all(cache.att.triu(1) == 0)  # the masked positions' weights are exactly 0
 
@@ -85,9 +85,9 @@ def test_attention_is_causal(n, T, nh, hs, seed, data):
 @given(B=st.integers(1, 4), T=st.integers(1, 6), seed=SEEDS)
 def test_softmax_backward_gives_masked_positions_no_gradient(B, T, seed):
     g = torch.Generator().manual_seed(seed)
-    scores = randn(g, B, T, T) + AT.causal_bias(T, torch.empty(0, dtype=F64))
+    scores = randn(g, B, T, T) + attention.causal_bias(T, torch.empty(0, dtype=F64))
     att = torch.softmax(scores, -1)
-    dscores = AT.softmax_backward(randn(g, B, T, T), att)
+    dscores = attention.softmax_backward(randn(g, B, T, T), att)
     assert torch.all(dscores.triu(1) == 0)
     torch.testing.assert_close(dscores.sum(-1), torch.zeros(B, T, dtype=F64), atol=1e-12, rtol=0)
 
@@ -98,7 +98,7 @@ def test_attention_heads_must_divide_n_embd(C, nh):
     expected = ("must be at least 1" if nh < 1
                 else f"--n-embd {C} is not divisible by --n-head {nh};")
     with pytest.raises(UserError, match=expected) as info:
-        AT.attention_forward(x.double(), *params, nh)
+        attention.attention_forward(x.double(), *params, nh)
     assert "\n" not in str(info.value)
 
 
@@ -110,9 +110,9 @@ def test_attention_heads_must_divide_n_embd(C, nh):
 def test_dropout_backward_uses_the_forward_mask(shape, p, seed):
     g = torch.Generator().manual_seed(seed)
     x = randn(g, *shape).abs() + 0.1  # no zeros: out != 0 exactly where kept
-    out, cache = DR.dropout_forward(x, p, g)
+    out, cache = dropout.dropout_forward(x, p, g)
     dout = randn(g, *shape).abs() + 0.1
-    (dx,) = DR.dropout_backward(dout, cache)
+    (dx,) = dropout.dropout_backward(dout, cache)
     kept = out != 0
     assert torch.equal(dx != 0, kept)
     torch.testing.assert_close(dx[kept], dout[kept] / (1 - p), rtol=1e-12, atol=0)
@@ -121,26 +121,26 @@ def test_dropout_backward_uses_the_forward_mask(shape, p, seed):
 
 def test_dropout_keeps_about_1_minus_p_and_is_the_same_in_float32():
     x = torch.ones(200, 500, dtype=F64)
-    out, cache = DR.dropout_forward(x, 0.3, torch.Generator().manual_seed(0))
+    out, cache = dropout.dropout_forward(x, 0.3, torch.Generator().manual_seed(0))
     assert abs((cache.mult != 0).double().mean().item() - 0.7) < 0.01
     assert abs(out.mean().item() - 1.0) < 0.02  # inverted dropout keeps the expectation
-    _, cache32 = DR.dropout_forward(x.float(), 0.3, torch.Generator().manual_seed(0))
+    _, cache32 = dropout.dropout_forward(x.float(), 0.3, torch.Generator().manual_seed(0))
     assert torch.equal(cache32.mult != 0, cache.mult != 0)
 
 
 def test_dropout_p0_is_the_identity_and_draws_nothing():
     x, g = torch.randn(4, 5), torch.Generator().manual_seed(3)
     state = g.get_state()
-    out, cache = DR.dropout_forward(x, 0.0, g)
+    out, cache = dropout.dropout_forward(x, 0.0, g)
     assert out is x and torch.equal(g.get_state(), state)
     dout = torch.randn(4, 5)
-    assert DR.dropout_backward(dout, cache)[0] is dout
+    assert dropout.dropout_backward(dout, cache)[0] is dout
 
 
 @pytest.mark.parametrize("p", [1.0, -0.1, 1.5])
 def test_dropout_rejects_p_outside_0_1(p):
     with pytest.raises(UserError, match="--dropout must be at least 0 and below 1"):
-        DR.dropout_forward(torch.ones(3), p, torch.Generator())
+        dropout.dropout_forward(torch.ones(3), p, torch.Generator())
 
 
 # --- the transformer block ----------------------------------------------------------------
@@ -157,12 +157,12 @@ def test_block_with_zero_branch_outputs_is_the_identity(n, T, nh, hs, seed):
     w_qkv, b_qkv, _, _ = attention_params(g, C)
     zero_proj, zero_b = torch.zeros(C, C, dtype=F64), torch.zeros(C, dtype=F64)
     ln = (1 + randn(g, C, scale=0.1), randn(g, C, scale=0.1))
-    out, cache = TF.block_forward(x, *ln, w_qkv, b_qkv, zero_proj, zero_b, *ln,
+    out, cache = transformer.block_forward(x, *ln, w_qkv, b_qkv, zero_proj, zero_b, *ln,
                                   randn(g, C, 4 * C), randn(g, 4 * C),
                                   torch.zeros(4 * C, C, dtype=F64), zero_b, nh)
     assert torch.equal(out, x)
     dout = randn(g, n, T, C)
-    grads = TF.block_backward(dout, cache)
+    grads = transformer.block_backward(dout, cache)
     assert len(grads) == 13
     assert torch.equal(grads[0], dout)
 
@@ -175,7 +175,7 @@ def softmax_backward_without_the_sum(datt, att):
 
 @pytest.mark.parametrize("name", ["attention", "block"])
 def test_a_softmax_backward_without_its_sum_term_is_caught(monkeypatch, name):
-    monkeypatch.setattr(AT, "softmax_backward", softmax_backward_without_the_sum)
+    monkeypatch.setattr(attention, "softmax_backward", softmax_backward_without_the_sum)
     chk = check_layer(REGISTRY[name], seed=1, n=4, width=3)
     wrong = [k for k in chk.manual if not torch.allclose(chk.manual[k], chk.autograd[k],
                                                          rtol=1e-10, atol=1e-12)]

@@ -6,9 +6,9 @@ import pytest
 import torch
 from hypothesis import given, settings, strategies as st
 
-from backprop_ninja.nn import bow as BW
+from backprop_ninja.nn import bow
 from backprop_ninja.nn import embedding
-from backprop_ninja.nn import recurrent as RC
+from backprop_ninja.nn import recurrent
 from backprop_ninja.checking.registry import _gru_reference, _rnn_reference
 from backprop_ninja.checking.gradcheck import autograd_grads
 
@@ -96,8 +96,8 @@ SHAPES = dict(n=st.integers(1, 5), T=st.integers(2, 6), C=st.integers(1, 4),
 def test_rnn_and_gru_are_causal(n, T, C, H, seed):
     g = torch.Generator().manual_seed(seed)
     x = _randn(g, n, T, C)
-    for fwd, bwd, params in ((RC.rnn_forward, RC.rnn_backward, _rnn_params(g, C, H)),
-                             (RC.gru_forward, RC.gru_backward, _gru_params(g, C, H))):
+    for fwd, bwd, params in ((recurrent.rnn_forward, recurrent.rnn_backward, _rnn_params(g, C, H)),
+                             (recurrent.gru_forward, recurrent.gru_backward, _gru_params(g, C, H))):
         forward = lambda x: fwd(x, **params)[0]  # noqa: E731
         assert_causal(forward, _manual_dx_of(fwd, bwd, params), x)
 
@@ -109,17 +109,17 @@ def test_causality_check_catches_a_state_that_never_advances():
     with pytest.raises(AssertionError, match="changing x_0"):
         assert_causal(buggy, _autograd_dx_of(_rnn_state_never_advances, params), x)
     # the same helper passes on the correct layer and on makemore's cell loop
-    assert_causal(lambda x: RC.rnn_forward(x, **params)[0],
-                  _manual_dx_of(RC.rnn_forward, RC.rnn_backward, params), x)
+    assert_causal(lambda x: recurrent.rnn_forward(x, **params)[0],
+                  _manual_dx_of(recurrent.rnn_forward, recurrent.rnn_backward, params), x)
     assert_causal(lambda x: _rnn_reference(x, **params), _autograd_dx_of(_rnn_reference, params), x)
 
 
 def test_causality_check_catches_a_backward_that_never_carries():
     g = torch.Generator().manual_seed(0)
     x, params = _randn(g, 3, 4, 2), _rnn_params(g, 2, 3)
-    forward = lambda x: RC.rnn_forward(x, **params)[0]  # noqa: E731
+    forward = lambda x: recurrent.rnn_forward(x, **params)[0]  # noqa: E731
     with pytest.raises(AssertionError, match="reached"):
-        assert_causal(forward, _manual_dx_of(RC.rnn_forward, _rnn_backward_no_carry, params), x)
+        assert_causal(forward, _manual_dx_of(recurrent.rnn_forward, _rnn_backward_no_carry, params), x)
 
 
 # --- against makemore's cells at other shapes than the registry's (T = 1 included) -----------
@@ -131,8 +131,8 @@ def test_recurrent_backward_matches_autograd_of_makemores_cells(n, T, C, H, seed
     g = torch.Generator().manual_seed(seed)
     x = _randn(g, n, T, C)
     for fwd, bwd, ref, params in (
-            (RC.rnn_forward, RC.rnn_backward, _rnn_reference, _rnn_params(g, C, H)),
-            (RC.gru_forward, RC.gru_backward, _gru_reference, _gru_params(g, C, H))):
+            (recurrent.rnn_forward, recurrent.rnn_backward, _rnn_reference, _rnn_params(g, C, H)),
+            (recurrent.gru_forward, recurrent.gru_backward, _gru_reference, _gru_params(g, C, H))):
         inputs = {"x": x} | params
         hs, cache = fwd(**inputs)
         torch.testing.assert_close(hs, ref(**inputs), rtol=1e-12, atol=1e-12)
@@ -151,12 +151,12 @@ def test_gru_with_z_forced_to_zero_keeps_h0(n, T, C, H, seed):
     g = torch.Generator().manual_seed(seed)
     params = _gru_params(g, C, H)
     params["b_z"] = params["b_z"] - 1e3   # z = sigmoid(-1e3 + O(1)) underflows to exactly 0
-    hs, cache = RC.gru_forward(_randn(g, n, T, C), **params)
+    hs, cache = recurrent.gru_forward(_randn(g, n, T, C), **params)
     torch.testing.assert_close(hs, params["h0"].expand(n, T, H), rtol=0, atol=0)
     # every step copies h_prev: the whole upstream gradient lands on h0, and nothing on the
     # input, the update gate's bias or the candidate's weights
     dhs = _randn(g, n, T, H)
-    dx, dh0, _, _, _, db_z, dw_hbar, db_hbar = RC.gru_backward(dhs, cache)
+    dx, dh0, _, _, _, db_z, dw_hbar, db_hbar = recurrent.gru_backward(dhs, cache)
     torch.testing.assert_close(dh0, dhs.sum((0, 1)), rtol=1e-12, atol=1e-12)
     for zero in (dx, db_z, dw_hbar, db_hbar):
         assert not zero.any()
@@ -177,8 +177,8 @@ def test_causal_average_backward_equals_the_explicit_matrix(n, T, C, seed):
     g = torch.Generator().manual_seed(seed)
     x, dy = _randn(g, n, T, C), _randn(g, n, T, C)
     A = _averaging_matrix(T)
-    y, cache = BW.causal_average_forward(x)
-    (dx,) = BW.causal_average_backward(dy, cache)
+    y, cache = bow.causal_average_forward(x)
+    (dx,) = bow.causal_average_backward(dy, cache)
     torch.testing.assert_close(y, torch.einsum("ts,nsc->ntc", A, x), rtol=1e-12, atol=1e-12)
     torch.testing.assert_close(dx, torch.einsum("ts,ntc->nsc", A, dy), rtol=1e-12, atol=1e-12)
     # every average's weights sum to 1, so the total gradient is kept
