@@ -592,3 +592,29 @@ def test_one_update_rule_whether_its_numbers_are_floats_or_tensors(name, weight_
     other.buffers.grad.copy_(grad)
     other.step(0.5)
     assert not torch.equal(other.buffers.flat, FlatParams(params).flat)
+
+
+def test_num_threads_is_honoured_by_evaluation_calibration_and_the_step(tmp_path, monkeypatch):
+    """--num-threads 1 on a machine of 8 cores: no pass asks torch for more than 1 thread
+    (evaluation and calibration once took every core); without the flag they take the 8."""
+    from backprop_ninja.training import threads
+
+    asked: list[int] = []
+    real = torch.set_num_threads
+
+    def record(n: int) -> None:
+        asked.append(n)
+        real(min(n, 2))  # record what was asked, without oversubscribing this machine
+
+    monkeypatch.setattr(threads, "cores", lambda: 8)
+    monkeypatch.setattr(torch, "set_num_threads", record)
+    saved = torch.get_num_threads()
+    try:
+        for argv, most in ((["--num-threads", "1"], 1), ([], 8)):
+            asked.clear()
+            code, _ = train(tmp_path, f"run{most}", "--steps", "20", "--eval-every", "10", *argv)
+            assert code == 0
+            assert asked and max(asked) == most, asked
+    finally:
+        threads.set_budget(None)
+        real(saved)

@@ -12,7 +12,6 @@ Dimension letters: n batch, T block_size, E n_embd, H n_hidden, V vocab size.
 
 from __future__ import annotations
 
-from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Callable, Mapping
 
@@ -22,6 +21,7 @@ from torch import Tensor
 from ..data import Dataset
 from ..models import mlp
 from ..models.base import Params, loss_and_grads
+from ..training import threads
 from ..training.optim import SGD, FlatParams, OptimConfig
 from .learner import LearnerError, call_learner
 
@@ -149,13 +149,7 @@ def sgd_step(buffers: FlatParams, grads: Params, lr: float) -> None:
     SGD(buffers, PLAIN_SGD).step(lr)
 
 
-@contextmanager
 def single_thread():
     """Batch-32 tensors are too small to share out: a thread pool only adds waiting (a lot of it
     on a busy machine)."""
-    saved = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(saved)
+    return threads.using(1)
