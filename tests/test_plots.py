@@ -24,7 +24,7 @@ def assert_png(path: Path) -> None:
 
 
 def test_plot_dlogits_command(tmp_path, capsys):
-    out = tmp_path / "sub" / "dlogits.png"
+    out = tmp_path / "dlogits.png"
     assert main(["plot", "dlogits", "--out", str(out)]) == 0
     assert f"wrote {out}" in capsys.readouterr().out
     assert_png(out)

@@ -69,6 +69,27 @@ def locked(workdir: Path) -> Iterator[None]:
         os.close(fd)  # closing the descriptor releases the lock
 
 
+def train_running(workdir: Path) -> str | None:
+    """Who holds the directory's train lock ("pid N, started ..."), or None when no train runs
+    there. Only looks: a shared lock taken and dropped at once."""
+    import fcntl
+
+    try:
+        fd = os.open(workdir / LOCK, os.O_RDONLY)
+    except OSError:
+        return None
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+        except BlockingIOError:
+            return os.pread(fd, 200, 0).decode("utf-8", "replace").strip() or "another process"
+        except OSError:
+            return None
+        return None
+    finally:
+        os.close(fd)
+
+
 def atomic_write(path: Path, write) -> None:
     """Call ``write(tmp_path)`` and rename the result over ``path`` only once it is complete."""
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -111,6 +132,11 @@ def load_tensors(path: Path, what: str) -> dict[str, torch.Tensor]:
 def read_config(workdir: Path) -> dict:
     path = workdir / CONFIG
     if not path.exists():
+        holder = train_running(workdir)
+        if holder:
+            raise UserError(f"{workdir} holds no run yet: a train ({holder}) is starting there and "
+                            f"writes {CONFIG} with its first checkpoint; wait for that (every "
+                            "--checkpoint-every steps)")
         raise UserError(f"{workdir} holds no run ({CONFIG} is missing); train one with "
                         f"`backprop-ninja train -o {workdir}`")
     try:
@@ -242,6 +268,10 @@ class Run:
     params: Params
     stats: Stats
     metrics: list[dict]
+    # None for a finished model (model.safetensors); else the checkpoint's step, read while
+    # the run trains (or after it was killed), and how its batchnorm statistics were made
+    checkpoint_step: int | None = None
+    note: str = ""
 
     @cached_property
     def data(self) -> Dataset:
@@ -253,12 +283,18 @@ class Run:
         return Vocab(tuple(self.config["data"]["vocab"]))
 
 
-def load_run(workdir: str | Path, device: str | torch.device = "cpu") -> Run:
+def load_run(workdir: str | Path, device: str | torch.device = "cpu",
+             checkpoint: bool = False) -> Run:
+    """The trained model of a run. With ``checkpoint``, a run that has no model.safetensors yet
+    (a train is running, or was killed) is read from its latest checkpoint: its parameters (with
+    --ema, their average, as the final model would be), and its batchnorm layers, if any,
+    calibrated now over the training split, as training does at the end (``Run.note`` says so)."""
     workdir = Path(workdir)
     config = read_config(workdir)
     spec, cfg = model_from_config(config)
-    tensors = load_tensors(workdir / MODEL, "the run has no finished model; finish it with "
-                           f"`backprop-ninja train -o {workdir} --resume`")
+    if checkpoint and not (workdir / MODEL).exists() and (workdir / CHECKPOINT).exists():
+        return load_checkpoint_as_model(workdir, config, spec, cfg, device)
+    tensors = load_tensors(workdir / MODEL, no_model_advice(workdir))
     params = {k: v.to(device) for k, v in check_params(tensors, spec, cfg, workdir / MODEL).items()}
     stats = {name[:-len("_mean")]: BatchNormStats(tensors[name].to(device),
                                                   tensors[name[:-len("_mean")] + "_var"].to(device))
@@ -269,6 +305,51 @@ def load_run(workdir: str | Path, device: str | torch.device = "cpu") -> Run:
         raise UserError(f"{workdir / MODEL} has no batchnorm statistics for {', '.join(missing)}; "
                         "train again into a new -o WORKDIR")
     return Run(workdir, config, spec, cfg, params, stats, read_metrics(workdir))
+
+
+def no_model_advice(workdir: Path) -> str:
+    """What to do about a run without model.safetensors, for the state it is in."""
+    holder = train_running(workdir)
+    if holder:
+        return (f"a train ({holder}) is still running there and writes the model when it "
+                "ends; wait for it")
+    if (workdir / CHECKPOINT).exists():
+        return (f"the run stopped before its end; finish it with "
+                f"`backprop-ninja train -o {workdir} --resume`")
+    return f"train again with `backprop-ninja train -o {workdir}`"
+
+
+def load_checkpoint_as_model(workdir: Path, config: dict, spec: ModelSpec, cfg,
+                             device: str | torch.device) -> Run:
+    from .models.base import calibrate
+
+    path = workdir / CHECKPOINT
+    tensors = load_tensors(path, no_model_advice(workdir))
+    step = int(checkpoint_meta(workdir)["step"])
+    params = {k: v.to(device) for k, v in check_params(tensors, spec, cfg, path).items()}
+    what = f"the checkpoint at step {step:,}"
+    if "ema_params" in tensors:  # the moving average, flat in the parameters' order
+        flat, start, averaged = tensors["ema_params"].to(device), 0, {}
+        if flat.numel() != sum(p.numel() for p in params.values()):
+            raise UserError(f"{path} does not match config.json (ema_params); train again into "
+                            "a new -o WORKDIR")
+        for name, p in params.items():
+            averaged[name] = flat[start:start + p.numel()].view(p.shape)
+            start += p.numel()
+        params, what = averaged, what + " (the moving average of the parameters, --ema)"
+    run = Run(workdir, config, spec, cfg, params, {}, read_metrics(workdir, before_step=step + 1),
+              checkpoint_step=step)
+    running = train_running(workdir)
+    state = "a train is still running there" if running else "the run has not finished"
+    note = f"{workdir} has no {MODEL} yet ({state}): using {what}"
+    probe = torch.zeros(2, spec.block_size(cfg), dtype=torch.long, device=device)
+    if spec.forward(params, probe).norm_inputs:  # batchnorm: its statistics over the training split
+        X = run.data.splits["train"][0].to(device)
+        with torch.no_grad():
+            run.stats = calibrate(spec, params, X)
+        note += f", with batchnorm calibrated now over the {X.shape[0]:,} training examples"
+    run.note = note
+    return run
 
 
 def read_metrics(workdir: Path, before_step: int | None = None) -> list[dict]:

@@ -7,9 +7,9 @@ import argparse
 import sys
 
 from ..errors import UserError
-from . import check, learn, train
+from . import check, learn, plot, train
 
-COMMANDS = (train, check, learn)
+COMMANDS = (train, check, learn, plot)
 
 
 class Parser(argparse.ArgumentParser):

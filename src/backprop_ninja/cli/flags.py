@@ -9,6 +9,15 @@ from .. import models
 from ..errors import UserError
 from ..models.base import ModelSpec
 
+DEFAULT_WORKDIR = "out"
+# every command that reads or writes a work directory takes each of these spellings
+WORKDIR_FLAGS = ("-o", "--out-dir", "--work-dir", "--workdir")
+
+
+def add_workdir_flag(p: argparse.ArgumentParser, help: str) -> None:
+    p.add_argument(*WORKDIR_FLAGS, dest="out_dir", default=DEFAULT_WORKDIR, metavar="WORKDIR",
+                   help=help)
+
 
 def all_model_flags() -> dict[str, list[str]]:
     """Each config field of any model -> the model types that have it."""

@@ -16,9 +16,8 @@ from ..training import loop, threads
 from ..training.run import resume_run, start_run
 from ..training.config import new_config
 from ..training.distill import DEFAULT_WEIGHT as DEFAULT_DISTILL
-from .flags import add_model_flags, model_flags
+from .flags import DEFAULT_WORKDIR, add_model_flags, add_workdir_flag, model_flags
 
-DEFAULT_WORKDIR = "out"
 TRAIN_FLAGS = ("steps", "batch_size", "lr", "lr_decay_step", "lr_decay_to", "seed", "optimizer",
                "weight_decay", "warmup_steps", "lr_schedule", "dropout", "ema", "sam", "distill")
 SPLIT_SEED = 42
@@ -92,7 +91,9 @@ def cmd_eval(args: argparse.Namespace) -> int:
     from ..models.base import evaluate
 
     device = resolve_device(args.device)
-    run = rundir.load_run(args.out_dir, device)
+    run = rundir.load_run(args.out_dir, device, checkpoint=True)
+    if run.note:
+        print(run.note, file=sys.stderr)
     result = {}
     for split in ("train", "val", "test"):
         X, Y = (t.to(device) for t in run.data.splits[split])
@@ -117,7 +118,9 @@ def print_samples(workdir: Path, num: int, seed: int | None, temperature: float,
     if not 1 <= num <= MAX_SAMPLES:
         raise UserError(f"-n must be between 1 and {MAX_SAMPLES:,}, got {num}; "
                         "run sample again for more")
-    run = rundir.load_run(workdir, device)
+    run = rundir.load_run(workdir, device, checkpoint=True)
+    if run.note:
+        print(run.note, file=sys.stderr)
     items = run.data.items
     g = torch.Generator(device=device)
     g.manual_seed(seed) if seed is not None else g.seed()
@@ -156,8 +159,7 @@ def register(sub) -> None:
                    help=f"model type: {types} (default {models.DEFAULT}; a resumed run keeps its own)")
     p.add_argument("-i", "--input", "--input-file", dest="input", default=None,
                    help="UTF-8 text file, one item per line (default: the bundled names.txt)")
-    p.add_argument("-o", "--out-dir", "--work-dir", dest="out_dir", default=DEFAULT_WORKDIR,
-                   help=f"work directory for the model, checkpoint and logs (default: {DEFAULT_WORKDIR})")
+    add_workdir_flag(p, f"work directory for the model, checkpoint and logs (default: {DEFAULT_WORKDIR})")
     p.add_argument("--resume", action="store_true",
                    help="continue the run in --out-dir from its checkpoint up to --steps in total")
     p.add_argument("--steps", "--max-steps", dest="steps", type=int, default=None,
@@ -223,15 +225,13 @@ def register(sub) -> None:
     p.set_defaults(func=cmd_train)
 
     p = sub.add_parser("eval", help="train/val/test loss of a trained run")
-    p.add_argument("-o", "--out-dir", "--work-dir", dest="out_dir", default=DEFAULT_WORKDIR,
-                   help="the run's work directory")
+    add_workdir_flag(p, f"the run's work directory (default: {DEFAULT_WORKDIR})")
     p.add_argument("--json", action="store_true", help='print {"train": .., "val": .., "test": ..}')
     p.add_argument("--device", choices=("cpu", "cuda"), default=None)
     p.set_defaults(func=cmd_eval)
 
     p = sub.add_parser("sample", help="generate items from a trained run")
-    p.add_argument("-o", "--out-dir", "--work-dir", dest="out_dir", default=DEFAULT_WORKDIR,
-                   help="the run's work directory")
+    add_workdir_flag(p, f"the run's work directory (default: {DEFAULT_WORKDIR})")
     p.add_argument("-n", "--num-samples", type=int, default=20, help="how many items (default 20)")
     p.add_argument("--seed", type=int, default=None, help="sampling seed (default: random)")
     p.add_argument("--temperature", type=float, default=1.0, help="softmax temperature (default 1)")

@@ -46,7 +46,7 @@ def load_run_for_plot(workdir: str | Path) -> RunLike:
         raise UserError(f"{workdir} is not a run's work directory; train one with "
                         f"`backprop-ninja train -o {workdir}`")
     try:
-        return load_run(workdir)
+        return load_run(workdir, checkpoint=True)
     except OSError as e:
         raise UserError(f"cannot read the run in {workdir}: {e.strerror or e}") from None
 
@@ -83,7 +83,7 @@ def update_ratios(metrics: list[dict]) -> dict[str, list[tuple[int, float]]]:
     return series
 
 
-def plot_diagnostics(run: RunLike, out: str | Path) -> Diagnostics:
+def plot_diagnostics(run: RunLike, out: str | Path, force: bool = False) -> Diagnostics:
     d = diagnose_run(run)
     fig = Figure(figsize=(14, 10))
     axes = fig.subplots(2, 2)
@@ -93,7 +93,7 @@ def plot_diagnostics(run: RunLike, out: str | Path) -> Diagnostics:
     ud_panel(axes[1][1], d)
     fig.suptitle(f"diagnostics of a trained {run.spec.name}, one training batch in training mode")
     fig.tight_layout()
-    save(fig, out)
+    save(fig, out, force)
     return d
 
 
@@ -153,7 +153,8 @@ def ud_panel(ax, d: Diagnostics) -> None:
 # ---------------------------------------------------------------------------------------------
 # attention maps of a trained transformer
 
-def plot_attention(run: RunLike, out: str | Path, items: int = 2) -> list[Tensor]:
+def plot_attention(run: RunLike, out: str | Path, items: int = 2, force: bool = False
+                   ) -> list[Tensor]:
     """A panel per layer and head for each of the first ``items`` validation items: row t is
     where position t looks (its attention weights over positions 0..t). Returns the maps."""
     if run.spec.attention_maps is None:
@@ -180,5 +181,5 @@ def plot_attention(run: RunLike, out: str | Path, items: int = 2) -> list[Tensor
     fig.suptitle("attention weights: row t is how position t\nweighs positions 0..t (nothing above "
                  "the diagonal)", fontsize=9)
     fig.tight_layout()
-    save(fig, out)
+    save(fig, out, force)
     return maps
