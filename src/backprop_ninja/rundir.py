@@ -45,28 +45,56 @@ CONFIG, MODEL, CHECKPOINT, METRICS, LOSS_PLOT, LOCK = (
 
 
 @contextmanager
-def locked(workdir: Path) -> Iterator[None]:
+def locked(workdir: Path, resume: bool = False) -> Iterator[None]:
     """Hold the directory's train lock; a second train run on it gets a one-line error.
 
     An OS lock (flock) rather than a marker file: it dies with its process, so a run killed
-    with SIGKILL or a power cut never leaves a stale lock behind.
+    with SIGKILL or a power cut never leaves a stale lock behind. A run that fails before it
+    writes anything takes away what it made: the lock file, and the folders it created.
     """
     import fcntl
 
-    workdir.mkdir(parents=True, exist_ok=True)
-    fd = os.open(workdir / LOCK, os.O_RDWR | os.O_CREAT, 0o666)
+    created = [d for d in (workdir, *workdir.parents) if not d.exists()]
+    lock_created = not (workdir / LOCK).exists()
+    try:
+        workdir.mkdir(parents=True, exist_ok=True)
+        fd = os.open(workdir / LOCK, os.O_RDWR | os.O_CREAT, 0o666)
+    except PermissionError:
+        remove_empty(created)
+        if resume:
+            raise UserError(f"cannot write in {workdir} (permission denied), so the run there "
+                            "cannot be resumed; copy the folder somewhere you can write and "
+                            "resume it there (eval and sample only read it)") from None
+        raise UserError(f"cannot create the work directory {workdir} (permission denied); "
+                        "pass -o a directory you can write to") from None
     try:
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
             holder = os.pread(fd, 200, 0).decode("utf-8", "replace").strip() or "another process"
+            lock_created = False
             raise UserError(f"{workdir} is in use by a running train ({holder}); wait for it to "
                             "finish, or train into another -o WORKDIR") from None
         os.ftruncate(fd, 0)
         os.pwrite(fd, f"pid {os.getpid()}, started {time.strftime('%Y-%m-%d %H:%M:%S')}".encode(), 0)
         yield
     finally:
+        if lock_created and not any((workdir / f).exists() for f in (CONFIG, CHECKPOINT, MODEL)):
+            try:  # nothing of a run was written: leave no trace
+                (workdir / LOCK).unlink()
+            except OSError:
+                pass
+            remove_empty(created)
         os.close(fd)  # closing the descriptor releases the lock
+
+
+def remove_empty(folders: list[Path]) -> None:
+    """Remove these folders (innermost first) where they are empty."""
+    for d in folders:
+        try:
+            d.rmdir()
+        except OSError:
+            return
 
 
 def train_running(workdir: Path) -> str | None:

@@ -22,6 +22,7 @@ TRAIN_FLAGS = ("steps", "batch_size", "lr", "lr_decay_step", "lr_decay_to", "see
                "weight_decay", "warmup_steps", "lr_schedule", "dropout", "ema", "sam", "distill")
 SPLIT_SEED = 42
 MAX_SAMPLES = 100_000
+SEED_RANGE = (-2**63, 2**64 - 1)  # what torch.Generator.manual_seed takes
 
 
 def default_device() -> str:
@@ -41,6 +42,7 @@ def cmd_train(args: argparse.Namespace) -> int:
             raise UserError(f"--{flag.replace('_', '-')} must be 0 or more, got {getattr(args, flag)}")
     if args.num_threads is not None and args.num_threads < 1:
         raise UserError(f"--num-threads must be at least 1, got {args.num_threads}")
+    check_seed(args.seed, "--seed")
     if args.grad == "autograd" and args.check_grads:
         raise UserError("--check-grads compares the hand-written gradients with autograd's; with "
                         "--grad autograd it would compare autograd with itself: use --grad fast "
@@ -48,7 +50,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     workdir = Path(args.out_dir)
     if workdir.exists() and not workdir.is_dir():
         raise UserError(f"-o {workdir} is a file, not a directory; pass a directory for the run")
-    with rundir.locked(workdir):
+    with rundir.locked(workdir, resume=args.resume):
         return train_locked(args, workdir)
 
 
@@ -87,6 +89,13 @@ def train_locked(args: argparse.Namespace, workdir: Path) -> int:
     return 0
 
 
+def check_seed(seed: int | None, flag: str) -> None:
+    """A seed that a torch generator takes (a 64-bit integer)."""
+    if seed is not None and not SEED_RANGE[0] <= seed <= SEED_RANGE[1]:
+        raise UserError(f"{flag} must fit in 64 bits (-2**63 to 2**64 - 1), got {seed}; "
+                        "pass a smaller seed")
+
+
 def cmd_eval(args: argparse.Namespace) -> int:
     from ..models.base import evaluate
 
@@ -107,6 +116,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
 
 def cmd_sample(args: argparse.Namespace) -> int:
+    check_seed(args.seed, "--seed")
     return print_samples(Path(args.out_dir), args.num_samples, args.seed, args.temperature,
                          args.top_k, resolve_device(args.device))
 
