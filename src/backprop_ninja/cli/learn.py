@@ -10,7 +10,7 @@ import math
 from pathlib import Path
 
 from ..errors import UserError
-from ..learning.checker import TIME_LIMIT_S
+from .catalog import CHECK_TIME_LIMIT_S as TIME_LIMIT_S  # learning.checker's, without torch
 
 
 def register(sub: argparse._SubParsersAction) -> None:
