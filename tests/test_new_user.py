@@ -104,3 +104,58 @@ def test_a_killed_run_without_a_model_still_evaluates(mlp_run, capsys):
     (mlp_run / "model.safetensors").unlink()
     assert main(["eval", "-o", str(mlp_run)]) == 0
     assert "has not finished" in capsys.readouterr().err
+
+
+# --- messages that misled ---------------------------------------------------------------------
+
+def test_resuming_with_another_input_says_it_is_another_file(mlp_run, words, tmp_path, capsys):
+    other = tmp_path / "other.txt"
+    other.write_text(words.read_text() + "\nwzz\n")
+    err = one_line_error(capsys, main(["train", "-o", str(mlp_run), "--resume", "--steps", "40",
+                                       "-i", str(other), *SMALL]), "is another file", str(words))
+    assert "has changed" not in err
+
+
+def test_an_input_that_became_a_fifo_is_not_called_missing(mlp_run, capsys):
+    config = json.loads((mlp_run / "config.json").read_text())
+    fifo = mlp_run.parent / "fifo.txt"
+    os.mkfifo(fifo)
+    config["data"]["input"] = str(fifo)
+    (mlp_run / "config.json").write_text(json.dumps(config))
+    err = one_line_error(capsys, main(["eval", "-o", str(mlp_run)]), str(fifo),
+                         "not a regular file")
+    assert "missing" not in err
+
+
+def test_a_config_with_a_bad_train_field_names_it(mlp_run, capsys):
+    config = json.loads((mlp_run / "config.json").read_text())
+    config["train"]["steps"] = "many"
+    (mlp_run / "config.json").write_text(json.dumps(config))
+    one_line_error(capsys, main(["train", "-o", str(mlp_run), "--resume", *SMALL]),
+                   "train.steps", "'many'")
+
+
+def test_the_header_says_an_mlp_counts_with_separators_and_names_the_teachers(tmp_path, capsys):
+    one = tmp_path / "one.txt"
+    one.write_text("ab\nab\nab\nab\nab\nab\nab\nab\nab\nab\n")
+    assert main(["train", "-i", str(one), "-o", str(tmp_path / "m"), "--steps", "5",
+                 "--n-hidden", "8", *SMALL]) == 0
+    header = capsys.readouterr().out.splitlines()[0]
+    assert header.startswith("training an mlp of ") and "(3 symbols)" in header
+    assert "1 thread;" in header or "threads;" in header
+    tiny = ["--type", "bow", "--n-embd", "8", "--n-embd2", "8"]
+    teacher = tmp_path / "teacher"
+    assert main(["train", *tiny, "-o", str(teacher), "--steps", "5", *SMALL]) == 0
+    capsys.readouterr()
+    assert main(["train", *tiny, "-o", str(tmp_path / "student"), "--steps", "5", "--teacher",
+                 str(teacher), *SMALL]) == 0
+    header = capsys.readouterr().out.splitlines()[0]
+    assert f"distilled from 1 teacher ({teacher.resolve()}), share 0.5" in header
+    assert "32,033 items" in header
+
+
+def test_counts_are_singular_for_one_and_have_thousands_separators():
+    from backprop_ninja.cli.train import count
+
+    assert count(1, "item") == "1 item"
+    assert count(20001, "symbol") == "20,001 symbols"

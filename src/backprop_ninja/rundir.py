@@ -118,6 +118,11 @@ def train_running(workdir: Path) -> str | None:
         os.close(fd)
 
 
+def article(word: str) -> str:
+    """'an' before a model's name that starts with a vowel sound (an mlp, an rnn), else 'a'."""
+    return "an" if word in ("mlp", "rnn") or word[:1] in "aeio" else "a"
+
+
 def atomic_write(path: Path, write) -> None:
     """Call ``write(tmp_path)`` and rename the result over ``path`` only once it is complete."""
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -198,7 +203,7 @@ def config_problem(config: object) -> str | None:
         return f"model type {config['model']['type']!r} is not one of {', '.join(models.MODELS)}"
     fields = set(spec.config.__dataclass_fields__)
     if set(model) != fields or not all(type(v) is int and v > 0 for v in model.values()):
-        return f"the model section of a {spec.name} needs positive integers {sorted(fields)}"
+        return f"the model section of {article(spec.name)} {spec.name} needs positive integers {sorted(fields)}"
     data = config["data"]
     if not (data.get("input") is None or isinstance(data.get("input"), str)):
         return "data.input is not a path"
@@ -228,14 +233,28 @@ def load_data(config: dict, path: Path | None = None, takes_input: bool = False)
 
     ``takes_input``: the command has an -i flag, so the advice may say to pass one.
     """
-    path = path or input_path(config)
-    if not path.is_file():
+    given = path is not None
+    recorded_path = input_path(config)
+    path = path or recorded_path
+    if not path.exists():
         where = "pass its new location with -i FILE" if takes_input else "put it back there"
-        raise UserError(f"the input file this run was trained on, {path}, is missing; {where}")
+        what = f"-i {path} does not exist" if given else \
+            f"the input file this run was trained on, {path}, is missing"
+        raise UserError(f"{what}; {where}")
+    if not path.is_file():
+        what = f"-i {path}" if given else f"the input file this run was trained on, {path},"
+        raise UserError(f"{what} is not a regular file (a folder, a fifo or a device); "
+                        "the run needs the text file it was trained on")
     spec, cfg = model_from_config(config)
     data = Dataset.load(path, block_size=spec.block_size(cfg), seed=config["data"]["split_seed"],
                         layout=spec.layout)
     recorded = config["data"].get("sha256")
+    if recorded is not None and recorded != data.sha256 and given and \
+            path.resolve() != recorded_path.resolve():
+        raise UserError(f"-i {path} is another file than the one this run was trained on "
+                        f"({recorded_path}; their SHA-256 differ, so the split would too); "
+                        "drop -i to use the recorded file, pass the same file moved, or train a "
+                        "new run into a new -o WORKDIR")
     if recorded is not None and recorded != data.sha256:
         where = "restore the original (or pass its location with -i FILE)" if takes_input else \
             "restore the original"

@@ -83,10 +83,15 @@ def train_locked(args: argparse.Namespace, workdir: Path) -> int:
     threads.set_budget(args.num_threads)
     step_threads = args.num_threads or threads.auto_threads(state.tcfg.batch_size, state.params)
     torch.set_num_threads(step_threads)
-    print(f"training a {spec.name} of {sum(p.numel() for p in state.params.values()):,} parameters "
-          f"on {len(state.data.items):,} items ({state.data.vocab.size} symbols) from step "
-          f"{state.step} to {state.tcfg.steps}; gradients: {args.grad}; {device}, "
-          f"{step_threads} thread(s); writing to {workdir}")
+    teachers = state.config.get("teachers") or []
+    taught = (f"; distilled from {count(len(teachers), 'teacher')} "
+              f"({', '.join(t['workdir'] for t in teachers)}), share {state.tcfg.distill:g}"
+              if teachers else "")
+    print(f"training {rundir.article(spec.name)} {spec.name} of "
+          f"{count(sum(p.numel() for p in state.params.values()), 'parameter')} on "
+          f"{count(len(state.data.items), 'item')} ({count(state.data.vocab.size, 'symbol')}) "
+          f"from step {state.step:,} to {state.tcfg.steps:,}{taught}; gradients: {args.grad}; "
+          f"{device}, {count(step_threads, 'thread')}; writing to {workdir}")
     opts = loop.Options(grad=args.grad, eval_every=args.eval_every,
                         checkpoint_every=args.checkpoint_every, diag_every=args.diag_every,
                         check_grads=args.check_grads, progress=not args.no_progress)
@@ -97,6 +102,11 @@ def train_locked(args: argparse.Namespace, workdir: Path) -> int:
         return print_samples(workdir, args.num_samples, seed=None, temperature=1.0, top_k=None,
                              device=device)
     return 0
+
+
+def count(n: int, noun: str) -> str:
+    """'1 item', '20,001 items'."""
+    return f"{n:,} {noun}{'' if n == 1 else 's'}"
 
 
 def check_seed(seed: int | None, flag: str) -> None:
