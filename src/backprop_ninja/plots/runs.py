@@ -24,6 +24,8 @@ from ..nn.losses import IGNORE_INDEX
 from ..rundir import article, load_run
 from .figure import save
 
+NO_CHANGE = -29.0  # log10 ratios at or below this are the 1e-30 floor: no update at all
+MAX_UD_SERIES = 10  # above this many parameters, the update-to-data panel shows the matrices only
 SATURATED = 0.97  # |tanh| above this passes almost no gradient back (the lecture's threshold)
 
 
@@ -89,13 +91,13 @@ def diagnose_run(run: RunLike, batch_size: int = 32, seed: int = 0) -> Diagnosti
 def cross_entropy_dlogits(logits: Tensor, Y: Tensor) -> Tensor:
     """d(mean cross-entropy)/d logits over the targets that count (padding, -1, has none):
     (softmax - onehot) / count, by hand."""
-    V = logits.shape[-1]
+    shape, V = logits.shape, logits.shape[-1]
     logits, Y = logits.reshape(-1, V), Y.reshape(-1)
     valid = Y != IGNORE_INDEX
     d = torch.softmax(logits, dim=1)
     d[valid, Y[valid]] -= 1
     d[~valid] = 0
-    return d / valid.sum().clamp_min(1)
+    return (d / valid.sum().clamp_min(1)).view(shape)
 
 
 def update_ratios(metrics: list[dict]) -> dict[str, list[tuple[int, float]]]:
@@ -145,8 +147,6 @@ def activation_panel(ax, d: Diagnostics) -> None:
         title = "activations: a wide pre-activation saturates tanh, whose gradient then vanishes"
     else:
         title = "hidden activations"
-    if d.batchnorm:
-        title += "\n(batchnorm keeps the pre-activations near unit scale)"
     ax.set_title(title, fontsize=10)
     ax.legend(fontsize=8)
 
@@ -177,13 +177,21 @@ def param_grad_panel(ax, d: Diagnostics) -> None:
         histogram(ax, grad, f"{name} {tuple(param.shape)}: grad std {grad.std():.1e}, "
                             f"grad:data {ratio:.1e}")
     ax.set_title("gradients of the weights, per layer", fontsize=10)
-    ax.legend(fontsize=8, ncol=2 if sum(p.ndim == 2 for p in d.params.values()) > 8 else 1)
+    many = sum(p.ndim == 2 for p in d.params.values()) > 6
+    ax.legend(fontsize=6 if many else 8)
 
 
 def ud_panel(ax, d: Diagnostics) -> None:
-    drawn = 0
-    for name in d.params:
-        points = d.ud.get(name)
+    drawn, frozen = 0, []
+    names = list(d.params)
+    if len(names) > MAX_UD_SERIES:  # many small vectors: the weight matrices, as the lecture does
+        names = [n for n in names if d.params[n].ndim == 2]
+    for name in names:
+        # a ratio at the floor (1e-30) is a parameter the steps did not change (a bias under
+        # batchnorm): named in a note rather than drawn 27 decades below the others
+        points = [(step, v) for step, v in d.ud.get(name, []) if v > NO_CHANGE]
+        if d.ud.get(name) and not points:
+            frozen.append(name)
         if points:
             steps, values = zip(*points)
             # a run with a few records: markers, so that a single record shows
@@ -191,8 +199,10 @@ def ud_panel(ax, d: Diagnostics) -> None:
                     markersize=4)
             drawn += 1
     title = "update-to-data ratio over training"
-    if d.batchnorm:
-        title += " (a bias under batchnorm has ~0 gradient)"
+    if len(names) < len(d.params):
+        title += ", weight matrices"
+    elif d.batchnorm:
+        title += "\n(a bias before batchnorm has ~0 gradient)"
     ax.set_title(title, fontsize=10)
     if not drawn:
         ax.set_xticks([])
@@ -202,9 +212,12 @@ def ud_panel(ax, d: Diagnostics) -> None:
                 "--diag-every N)", ha="center", va="center", transform=ax.transAxes)
         return
     ax.axhline(-3, color="black", linestyle="--", linewidth=1, label="1e-3, a rough guide")
+    if frozen:
+        ax.text(0.02, 0.02, f"not changed by the steps: {', '.join(frozen)}", fontsize=8,
+                transform=ax.transAxes)
     ax.set_xlabel("step")
     ax.set_ylabel("log10( std(update) / std(param) )")
-    ax.legend(fontsize=8, ncol=2 if drawn > 6 else 1)
+    ax.legend(fontsize=6 if drawn > 6 else 8, ncol=2 if drawn > 6 else 1)
 
 
 # ---------------------------------------------------------------------------------------------
