@@ -52,8 +52,6 @@ def locked(workdir: Path, resume: bool = False) -> Iterator[None]:
     with SIGKILL or a power cut never leaves a stale lock behind. A run that fails before it
     writes anything takes away what it made: the lock file, and the folders it created.
     """
-    import fcntl
-
     created = [d for d in (workdir, *workdir.parents) if not d.exists()]
     lock_created = not (workdir / LOCK).exists()
     try:
@@ -69,7 +67,7 @@ def locked(workdir: Path, resume: bool = False) -> Iterator[None]:
                         "pass -o a directory you can write to") from None
     try:
         try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            take_lock(fd)
         except BlockingIOError:
             holder = os.pread(fd, 200, 0).decode("utf-8", "replace").strip() or "another process"
             lock_created = False
@@ -95,6 +93,21 @@ def remove_empty(folders: list[Path]) -> None:
             d.rmdir()
         except OSError:
             return
+
+
+def take_lock(fd: int, tries: int = 5) -> None:
+    """The exclusive lock, or BlockingIOError. A few quick tries: ``train_running`` (eval or
+    sample looking) holds a shared lock for a moment, which must not turn a train away."""
+    import fcntl
+
+    for attempt in range(tries):
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            return
+        except BlockingIOError:
+            if attempt == tries - 1:
+                raise
+            time.sleep(0.02)
 
 
 def train_running(workdir: Path) -> str | None:

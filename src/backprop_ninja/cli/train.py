@@ -166,7 +166,8 @@ def print_samples(workdir: Path, num: int, seed: int | None, temperature: float,
         print(text)
     known = set(items)
     new = sum(t not in known for t in texts)
-    print(f"{new} of {num} samples are new (not in the training file)", file=sys.stderr)
+    print(f"{new:,} of {count(num, 'sample')} {'is' if new == 1 else 'are'} new (not in the "
+          "training file)", file=sys.stderr)
     return 0
 
 
