@@ -27,7 +27,7 @@ def all_model_flags() -> dict[str, list[str]]:
 def add_model_flags(p: argparse.ArgumentParser, default_note: str) -> None:
     for name, types in all_model_flags().items():
         defaults = ", ".join(f"{t} {catalog.MODELS[t][0][name]}" for t in types)
-        text = f"{name.replace('_', ' ')} ({defaults}) {default_note}".rstrip()
+        text = f"{name.replace('_', ' ')}, by type: {defaults} {default_note}".rstrip()
         if name == "block_size":
             text += (f"; 0 for {', '.join(catalog.SEQUENCE_MODELS)}: automatic, the longest "
                      "item + 1")

@@ -205,7 +205,7 @@ def register(sub) -> None:
                    help="total optimiser steps, SGD or AdamW (default: the type's recipe)")
     p.add_argument("--batch-size", type=int, default=None,
                    help="examples per step (default: the type's recipe)")
-    add_model_flags(p, "(defaults by type)")
+    add_model_flags(p, "")
     p.add_argument("--lr", "--learning-rate", dest="lr", type=float, default=None,
                    help="learning rate (default: the type's recipe)")
     p.add_argument("--lr-decay-step", type=int, default=None,
