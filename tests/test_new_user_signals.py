@@ -18,12 +18,15 @@ def test_a_signal_stops_at_a_step_and_saves_saying_so_at_once(tmp_path, signum):
     proc = subprocess.Popen(
         [sys.executable, "-m", "backprop_ninja", "train", "-o", str(out), "--steps", "100000000",
          "--n-hidden", "16", "--no-progress", "--num-samples", "0", "--eval-every", "0",
-         "--checkpoint-every", "0", "--device", "cpu", "--num-threads", "1"],
+         "--checkpoint-every", "50", "--device", "cpu", "--num-threads", "1"],
         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
         env={**os.environ, "PYTHONUNBUFFERED": "1"})
     try:
-        assert proc.stdout.readline().startswith("training a")  # the loop is about to start
-        time.sleep(1.0)
+        assert proc.stdout.readline().startswith("training a")
+        deadline = time.monotonic() + 120
+        while not (out / rundir.CHECKPOINT).exists():  # the first checkpoint: the loop runs
+            assert time.monotonic() < deadline and proc.poll() is None
+            time.sleep(0.05)
         proc.send_signal(signum)
         stdout, stderr = proc.communicate(timeout=120)
     finally:
