@@ -146,7 +146,7 @@ def test_teachers_in_the_config_of_a_model_without_them_are_refused(teachers, tm
     (out / "config.json").write_text(json.dumps(config))
     capsys.readouterr()
     rc = main(["train", "-o", str(out), "--resume", "--steps", "20", *QUIET])
-    one_line_error(capsys, rc, "a mlp cannot have teachers")
+    one_line_error(capsys, rc, "an mlp cannot have teachers")
 
 
 @pytest.mark.parametrize("argv,needle", [

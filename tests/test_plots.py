@@ -24,7 +24,7 @@ def assert_png(path: Path) -> None:
 
 
 def test_plot_dlogits_command(tmp_path, capsys):
-    out = tmp_path / "sub" / "dlogits.png"
+    out = tmp_path / "dlogits.png"
     assert main(["plot", "dlogits", "--out", str(out)]) == 0
     assert f"wrote {out}" in capsys.readouterr().out
     assert_png(out)
@@ -166,3 +166,74 @@ def test_attention_of_a_model_without_it_is_one_line(tmp_path, capsys):
                  "--num-samples", "0", "--eval-every", "0"]) == 0
     with pytest.raises(UserError, match="needs a model with attention .transformer.; the run is a bigram"):
         runs.plot_attention(runs.load_run_for_plot(out), tmp_path / "a.png")
+
+
+# --- what each model has, and panels that say what they show ----------------------------------
+
+def test_cross_entropy_dlogits_matches_autograd_with_padding():
+    g = torch.Generator().manual_seed(0)
+    logits = torch.randn(4, 5, 7, generator=g, dtype=torch.float64)
+    Y = torch.randint(0, 7, (4, 5), generator=g)
+    Y[1, 3:] = -1  # padding: no loss, no gradient
+    leaf = logits.clone().requires_grad_()
+    loss = torch.nn.functional.cross_entropy(leaf.view(-1, 7), Y.view(-1), ignore_index=-1)
+    (expected,) = torch.autograd.grad(loss, leaf)
+    got = runs.cross_entropy_dlogits(logits, Y)
+    assert got.shape == logits.shape
+    torch.testing.assert_close(got, expected, rtol=0, atol=1e-12)
+
+
+def panels(d):
+    from matplotlib.figure import Figure
+
+    axes = Figure().subplots(2, 2)
+    runs.activation_panel(axes[0][0], d)
+    runs.activation_grad_panel(axes[0][1], d)
+    runs.param_grad_panel(axes[1][0], d)
+    runs.ud_panel(axes[1][1], d)
+    return [a for row in axes for a in row]
+
+
+def test_a_model_without_hidden_activations_shows_its_logits(names):
+    from backprop_ninja.models import bigram
+
+    cfg = bigram.SPEC.make_config(names.vocab.size, {})
+    params = bigram.SPEC.init(cfg, torch.Generator().manual_seed(1))
+    run = SimpleNamespace(spec=bigram.SPEC, cfg=cfg, params=params, stats={}, data=names, metrics=[])
+    d = runs.diagnose_run(run)
+    assert d.logits and set(d.activations) == {"logits"} and set(d.activation_grads) == {"dlogits"}
+    act, grad, _, ud = panels(d)
+    assert act.lines and grad.lines  # not blank
+    for ax in (act, grad, ud):
+        assert "tanh" not in ax.get_title() and "batchnorm" not in ax.get_title()
+
+
+def test_the_update_to_data_panel_shows_one_record_and_says_when_there_is_none(names):
+    one = [{"step": s, "loss": 3.0, "lr": 0.1} for s in range(1500)]
+    one[1000]["ud"] = {k: -2.5 for k in mlp.PARAM_NAMES}
+    one[1000]["ud"]["b1"] = -30.0  # the floor: a bias before batchnorm does not move
+    d = runs.diagnose_run(fake_run(names, one))
+    ud = panels(d)[3]
+    drawn = [line for line in ud.lines if line.get_label() in mlp.PARAM_NAMES]
+    assert drawn and all(line.get_marker() == "o" for line in drawn)  # a single point shows
+    assert "b1" not in [line.get_label() for line in ud.lines]
+    assert any("not changed by the steps: b1" in t.get_text() for t in ud.texts)
+    d = runs.diagnose_run(fake_run(names, one[:999]))
+    ud = panels(d)[3]
+    assert ud.get_legend() is None and not ud.lines  # no empty legend, no guide under the note
+    assert any("no update-to-data records" in t.get_text() for t in ud.texts)
+
+
+def test_attention_title_clears_the_panels_and_there_is_a_colour_bar(tiny_transformer, tmp_path,
+                                                                      monkeypatch):
+    figures = []
+    real_save = runs.save
+    monkeypatch.setattr(runs, "save", lambda fig, out, force=False: (figures.append(fig),
+                                                                      real_save(fig, out, force)))
+    runs.plot_attention(runs.load_run_for_plot(tiny_transformer), tmp_path / "a.png", items=1)
+    (fig,) = figures
+    renderer = fig.canvas.get_renderer()
+    panels_ = [ax for ax in fig.axes if ax.get_title()]
+    assert len(fig.axes) == len(panels_) + 1  # the colour bar
+    title_bottom = fig._suptitle.get_window_extent(renderer).y0
+    assert all(ax.title.get_window_extent(renderer).y1 <= title_bottom for ax in panels_)

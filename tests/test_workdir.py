@@ -127,7 +127,8 @@ def test_a_moved_input_resumes_with_i_and_eval_says_put_it_back(run, capsys):
     assert main(["eval", "-o", str(out)]) == 0  # the config now records where the file is
     other = moved.with_name("other.txt")
     other.write_text(moved.read_text() + "\nwzz\n")
-    one_line_error(capsys, resume(out, "--steps", "70", "-i", str(other)), "has changed")
+    one_line_error(capsys, resume(out, "--steps", "70", "-i", str(other)), "is another file",
+                   str(moved))
 
 
 def test_split_seed_zero_is_kept(tmp_path, capsys):

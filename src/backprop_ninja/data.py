@@ -142,7 +142,8 @@ def split_items(items: list[str], seed: int) -> tuple[list[str], list[str], list
     parts = shuffled[:n1], shuffled[n1:n2], shuffled[n2:]
     for name, part in zip(("train", "val", "test"), parts):
         if not part:
-            raise UserError(f"the 80/10/10 split of {len(items)} items leaves the {name} part empty; "
+            raise UserError(f"the 80/10/10 split of {len(items)} item{'' if len(items) == 1 else 's'} "
+                            f"leaves the {name} part empty; "
                             "the input file needs at least 10 items")
     return parts
 

@@ -45,28 +45,95 @@ CONFIG, MODEL, CHECKPOINT, METRICS, LOSS_PLOT, LOCK = (
 
 
 @contextmanager
-def locked(workdir: Path) -> Iterator[None]:
+def locked(workdir: Path, resume: bool = False) -> Iterator[None]:
     """Hold the directory's train lock; a second train run on it gets a one-line error.
 
     An OS lock (flock) rather than a marker file: it dies with its process, so a run killed
-    with SIGKILL or a power cut never leaves a stale lock behind.
+    with SIGKILL or a power cut never leaves a stale lock behind. A run that fails before it
+    writes anything takes away what it made: the lock file, and the folders it created.
     """
-    import fcntl
-
-    workdir.mkdir(parents=True, exist_ok=True)
-    fd = os.open(workdir / LOCK, os.O_RDWR | os.O_CREAT, 0o666)
+    created = [d for d in (workdir, *workdir.parents) if not d.exists()]
+    lock_created = not (workdir / LOCK).exists()
+    try:
+        workdir.mkdir(parents=True, exist_ok=True)
+        fd = os.open(workdir / LOCK, os.O_RDWR | os.O_CREAT, 0o666)
+    except PermissionError:
+        remove_empty(created)
+        if resume:
+            raise UserError(f"cannot write in {workdir} (permission denied), so the run there "
+                            "cannot be resumed; copy the folder somewhere you can write and "
+                            "resume it there (eval and sample only read it)") from None
+        raise UserError(f"cannot create the work directory {workdir} (permission denied); "
+                        "pass -o a directory you can write to") from None
     try:
         try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            take_lock(fd)
         except BlockingIOError:
             holder = os.pread(fd, 200, 0).decode("utf-8", "replace").strip() or "another process"
+            lock_created = False
             raise UserError(f"{workdir} is in use by a running train ({holder}); wait for it to "
                             "finish, or train into another -o WORKDIR") from None
         os.ftruncate(fd, 0)
         os.pwrite(fd, f"pid {os.getpid()}, started {time.strftime('%Y-%m-%d %H:%M:%S')}".encode(), 0)
         yield
     finally:
+        if lock_created and not any((workdir / f).exists() for f in (CONFIG, CHECKPOINT, MODEL)):
+            try:  # nothing of a run was written: leave no trace
+                (workdir / LOCK).unlink()
+            except OSError:
+                pass
+            remove_empty(created)
         os.close(fd)  # closing the descriptor releases the lock
+
+
+def remove_empty(folders: list[Path]) -> None:
+    """Remove these folders (innermost first) where they are empty."""
+    for d in folders:
+        try:
+            d.rmdir()
+        except OSError:
+            return
+
+
+def take_lock(fd: int, tries: int = 5) -> None:
+    """The exclusive lock, or BlockingIOError. A few quick tries: ``train_running`` (eval or
+    sample looking) holds a shared lock for a moment, which must not turn a train away."""
+    import fcntl
+
+    for attempt in range(tries):
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            return
+        except BlockingIOError:
+            if attempt == tries - 1:
+                raise
+            time.sleep(0.02)
+
+
+def train_running(workdir: Path) -> str | None:
+    """Who holds the directory's train lock ("pid N, started ..."), or None when no train runs
+    there. Only looks: a shared lock taken and dropped at once."""
+    import fcntl
+
+    try:
+        fd = os.open(workdir / LOCK, os.O_RDONLY)
+    except OSError:
+        return None
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+        except BlockingIOError:
+            return os.pread(fd, 200, 0).decode("utf-8", "replace").strip() or "another process"
+        except OSError:
+            return None
+        return None
+    finally:
+        os.close(fd)
+
+
+def article(word: str) -> str:
+    """'an' before a model's name that starts with a vowel sound (an mlp, an rnn), else 'a'."""
+    return "an" if word in ("mlp", "rnn") or word[:1] in "aeio" else "a"
 
 
 def atomic_write(path: Path, write) -> None:
@@ -111,6 +178,11 @@ def load_tensors(path: Path, what: str) -> dict[str, torch.Tensor]:
 def read_config(workdir: Path) -> dict:
     path = workdir / CONFIG
     if not path.exists():
+        holder = train_running(workdir)
+        if holder:
+            raise UserError(f"{workdir} holds no run yet: a train ({holder}) is starting there and "
+                            f"writes {CONFIG} with its first checkpoint; wait for that (every "
+                            "--checkpoint-every steps)")
         raise UserError(f"{workdir} holds no run ({CONFIG} is missing); train one with "
                         f"`backprop-ninja train -o {workdir}`")
     try:
@@ -144,7 +216,7 @@ def config_problem(config: object) -> str | None:
         return f"model type {config['model']['type']!r} is not one of {', '.join(models.MODELS)}"
     fields = set(spec.config.__dataclass_fields__)
     if set(model) != fields or not all(type(v) is int and v > 0 for v in model.values()):
-        return f"the model section of a {spec.name} needs positive integers {sorted(fields)}"
+        return f"the model section of {article(spec.name)} {spec.name} needs positive integers {sorted(fields)}"
     data = config["data"]
     if not (data.get("input") is None or isinstance(data.get("input"), str)):
         return "data.input is not a path"
@@ -174,14 +246,28 @@ def load_data(config: dict, path: Path | None = None, takes_input: bool = False)
 
     ``takes_input``: the command has an -i flag, so the advice may say to pass one.
     """
-    path = path or input_path(config)
-    if not path.is_file():
+    given = path is not None
+    recorded_path = input_path(config)
+    path = path or recorded_path
+    if not path.exists():
         where = "pass its new location with -i FILE" if takes_input else "put it back there"
-        raise UserError(f"the input file this run was trained on, {path}, is missing; {where}")
+        what = f"-i {path} does not exist" if given else \
+            f"the input file this run was trained on, {path}, is missing"
+        raise UserError(f"{what}; {where}")
+    if not path.is_file():
+        what = f"-i {path}" if given else f"the input file this run was trained on, {path},"
+        raise UserError(f"{what} is not a regular file (a folder, a fifo or a device); "
+                        "the run needs the text file it was trained on")
     spec, cfg = model_from_config(config)
     data = Dataset.load(path, block_size=spec.block_size(cfg), seed=config["data"]["split_seed"],
                         layout=spec.layout)
     recorded = config["data"].get("sha256")
+    if recorded is not None and recorded != data.sha256 and given and \
+            path.resolve() != recorded_path.resolve():
+        raise UserError(f"-i {path} is another file than the one this run was trained on "
+                        f"({recorded_path}; their SHA-256 differ, so the split would too); "
+                        "drop -i to use the recorded file, pass the same file moved, or train a "
+                        "new run into a new -o WORKDIR")
     if recorded is not None and recorded != data.sha256:
         where = "restore the original (or pass its location with -i FILE)" if takes_input else \
             "restore the original"
@@ -242,6 +328,10 @@ class Run:
     params: Params
     stats: Stats
     metrics: list[dict]
+    # None for a finished model (model.safetensors); else the checkpoint's step, read while
+    # the run trains (or after it was killed), and how its batchnorm statistics were made
+    checkpoint_step: int | None = None
+    note: str = ""
 
     @cached_property
     def data(self) -> Dataset:
@@ -253,12 +343,18 @@ class Run:
         return Vocab(tuple(self.config["data"]["vocab"]))
 
 
-def load_run(workdir: str | Path, device: str | torch.device = "cpu") -> Run:
+def load_run(workdir: str | Path, device: str | torch.device = "cpu",
+             checkpoint: bool = False) -> Run:
+    """The trained model of a run. With ``checkpoint``, a run that has no model.safetensors yet
+    (a train is running, or was killed) is read from its latest checkpoint: its parameters (with
+    --ema, their average, as the final model would be), and its batchnorm layers, if any,
+    calibrated now over the training split, as training does at the end (``Run.note`` says so)."""
     workdir = Path(workdir)
     config = read_config(workdir)
     spec, cfg = model_from_config(config)
-    tensors = load_tensors(workdir / MODEL, "the run has no finished model; finish it with "
-                           f"`backprop-ninja train -o {workdir} --resume`")
+    if checkpoint and not (workdir / MODEL).exists() and (workdir / CHECKPOINT).exists():
+        return load_checkpoint_as_model(workdir, config, spec, cfg, device)
+    tensors = load_tensors(workdir / MODEL, no_model_advice(workdir))
     params = {k: v.to(device) for k, v in check_params(tensors, spec, cfg, workdir / MODEL).items()}
     stats = {name[:-len("_mean")]: BatchNormStats(tensors[name].to(device),
                                                   tensors[name[:-len("_mean")] + "_var"].to(device))
@@ -269,6 +365,51 @@ def load_run(workdir: str | Path, device: str | torch.device = "cpu") -> Run:
         raise UserError(f"{workdir / MODEL} has no batchnorm statistics for {', '.join(missing)}; "
                         "train again into a new -o WORKDIR")
     return Run(workdir, config, spec, cfg, params, stats, read_metrics(workdir))
+
+
+def no_model_advice(workdir: Path) -> str:
+    """What to do about a run without model.safetensors, for the state it is in."""
+    holder = train_running(workdir)
+    if holder:
+        return (f"a train ({holder}) is still running there and writes the model when it "
+                "ends; wait for it")
+    if (workdir / CHECKPOINT).exists():
+        return (f"the run stopped before its end; finish it with "
+                f"`backprop-ninja train -o {workdir} --resume`")
+    return f"train again with `backprop-ninja train -o {workdir}`"
+
+
+def load_checkpoint_as_model(workdir: Path, config: dict, spec: ModelSpec, cfg,
+                             device: str | torch.device) -> Run:
+    from .models.base import calibrate
+
+    path = workdir / CHECKPOINT
+    tensors = load_tensors(path, no_model_advice(workdir))
+    step = int(checkpoint_meta(workdir)["step"])
+    params = {k: v.to(device) for k, v in check_params(tensors, spec, cfg, path).items()}
+    what = f"the checkpoint at step {step:,}"
+    if "ema_params" in tensors:  # the moving average, flat in the parameters' order
+        flat, start, averaged = tensors["ema_params"].to(device), 0, {}
+        if flat.numel() != sum(p.numel() for p in params.values()):
+            raise UserError(f"{path} does not match config.json (ema_params); train again into "
+                            "a new -o WORKDIR")
+        for name, p in params.items():
+            averaged[name] = flat[start:start + p.numel()].view(p.shape)
+            start += p.numel()
+        params, what = averaged, what + " (the moving average of the parameters, --ema)"
+    run = Run(workdir, config, spec, cfg, params, {}, read_metrics(workdir, before_step=step + 1),
+              checkpoint_step=step)
+    running = train_running(workdir)
+    state = "a train is still running there" if running else "the run has not finished"
+    note = f"{workdir} has no {MODEL} yet ({state}): using {what}"
+    probe = torch.zeros(2, spec.block_size(cfg), dtype=torch.long, device=device)
+    if spec.forward(params, probe).norm_inputs:  # batchnorm: its statistics over the training split
+        X = run.data.splits["train"][0].to(device)
+        with torch.no_grad():
+            run.stats = calibrate(spec, params, X)
+        note += f", with batchnorm calibrated now over the {X.shape[0]:,} training examples"
+    run.note = note
+    return run
 
 
 def read_metrics(workdir: Path, before_step: int | None = None) -> list[dict]:

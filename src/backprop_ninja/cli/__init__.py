@@ -7,9 +7,9 @@ import argparse
 import sys
 
 from ..errors import UserError
-from . import check, check_layer, learn, train
+from . import check, check_layer, learn, plot, train
 
-COMMANDS = (train, check, check_layer, learn)
+COMMANDS = (train, check, check_layer, learn, plot)
 
 
 class Parser(argparse.ArgumentParser):
@@ -40,6 +40,22 @@ def main(argv: list[str] | None = None) -> int:
     except UserError as e:
         print(f"backprop-ninja: error: {e}", file=sys.stderr)
         return 2
+    except PermissionError as e:  # the file system said no: name the file, not a traceback
+        print(f"backprop-ninja: error: {permission_message(e)}", file=sys.stderr)
+        return 2
     except KeyboardInterrupt:
         print("backprop-ninja: interrupted", file=sys.stderr)
         return 130
+
+
+def permission_message(e: PermissionError) -> str:
+    import os
+
+    path = e.filename
+    if path is None:
+        return f"permission denied ({e}); check the permissions of the files the command uses"
+    if os.path.exists(path) and not os.access(path, os.R_OK):
+        return (f"cannot read {path} (permission denied); make it readable by you "
+                "(chmod u+r, or ask its owner) or pass another file")
+    return (f"cannot write {path} (permission denied); use a place you can write to, "
+            "e.g. another -o WORKDIR")

@@ -5,22 +5,24 @@ from __future__ import annotations
 
 import argparse
 
-import torch
-
-from .. import models
-from ..checking import atomic
-from ..checking.gradcheck import format_table, tables_to_json
-from ..checking.models import FD_TOLERANCE, check_model
-from ..data import Dataset, default_data_path
 from ..errors import UserError
+from . import catalog
 from .flags import add_model_flags, model_flags
 
 CHECK_SEED = 2147483647
-# the lecture's exercises 1-3, for the model they are about: (setup, report) makers by type
-LECTURE = {"mlp": (atomic.lecture_check_setup, atomic.run_check)}
 
 
 def cmd_check(args: argparse.Namespace) -> int:
+    import torch
+
+    from .. import models
+    from ..checking import atomic
+    from ..checking.gradcheck import format_table, tables_to_json
+    from ..checking.models import FD_TOLERANCE, check_model
+    from ..data import Dataset, default_data_path
+
+    # the lecture's exercises 1-3, for the model they are about: (setup, report) makers by type
+    LECTURE = {"mlp": (atomic.lecture_check_setup, atomic.run_check)}
     spec = models.get(args.type)
     flags = model_flags(args, spec)
     if args.batch_size < 1:
@@ -81,8 +83,8 @@ def fd_config_text(cfg) -> str:
 def register(sub) -> None:
     p = sub.add_parser("check", help="check every hand-written gradient of a model against "
                                      "autograd and finite differences")
-    p.add_argument("--type", default=models.DEFAULT, metavar="NAME",
-                   help=f"model type: {', '.join(models.MODELS)} (default {models.DEFAULT}: the "
+    p.add_argument("--type", default=catalog.DEFAULT, metavar="NAME",
+                   help=f"model type: {catalog.types()} (default {catalog.DEFAULT}: the "
                         "lecture's check, with exercises 1-3)")
     p.add_argument("-i", "--input", default=None,
                    help="line-per-item text file (default: the bundled names.txt)")

@@ -1,4 +1,4 @@
-"""The learner's commands: ``exercise N --init/--check/--show-solution`` and ``plot``.
+"""The learner's command: ``exercise N --init/--check/--show-solution``.
 
 ``--check`` grades in a child process with a time limit (``learning.sandbox.check_in_child``).
 """
@@ -10,18 +10,7 @@ import math
 from pathlib import Path
 
 from ..errors import UserError
-from ..learning.sandbox import TIME_LIMIT_S
-
-
-def run_plot(what: argparse._SubParsersAction, name: str, help: str, made_by: str, func
-             ) -> argparse.ArgumentParser:
-    """A `plot NAME` of a trained run: its work directory and the PNG to write there."""
-    q = what.add_parser(name, help=help)
-    q.add_argument("-o", "--workdir", required=True,
-                   help=f"the run's work directory (from {made_by})")
-    q.add_argument("--out", default=None, help=f"PNG file to write (default: WORKDIR/{name}.png)")
-    q.set_defaults(func=func)
-    return q
+from .catalog import CHECK_TIME_LIMIT_S as TIME_LIMIT_S  # learning.sandbox's, without torch
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -50,22 +39,6 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("-i", "--input", default=None,
                    help="line-per-item text file for the check (default: the bundled names.txt)")
     p.set_defaults(func=cmd_exercise)
-
-    p = sub.add_parser("plot",
-                       help="pictures: the dlogits of a batch, a trained run's diagnostics, "
-                            "a transformer's attention")
-    what = p.add_subparsers(dest="what", required=True, metavar="WHAT")
-    q = what.add_parser("dlogits", help="dlogits of the lecture's check batch as an image")
-    q.add_argument("--out", default="dlogits.png", help="PNG file to write (default: dlogits.png)")
-    q.add_argument("-i", "--input", default=None,
-                   help="line-per-item text file (default: the bundled names.txt)")
-    q.set_defaults(func=cmd_plot_dlogits)
-    run_plot(what, "diagnostics", "activation and gradient histograms and the update-to-data "
-                                  "ratio of a trained run", "train -o", cmd_plot_diagnostics)
-    q = run_plot(what, "attention", "the attention maps of a trained transformer on a few "
-                                    "validation items, a panel per layer and head",
-                 "train --type transformer -o", cmd_plot_attention)
-    q.add_argument("--items", type=int, default=2, help="how many validation items (default 2)")
 
 
 def cmd_exercise(args: argparse.Namespace) -> int:
@@ -122,34 +95,4 @@ def init_exercise(number: int, path: Path, solution: bool, force: bool) -> int:
     what = ", the solution; check it with" if solution else \
         ": fill in the blanks (d<name> = None), then run"
     print(f"wrote {path}{what}:\n  backprop-ninja exercise {number} --check {path}")
-    return 0
-
-
-def cmd_plot_dlogits(args: argparse.Namespace) -> int:
-    from ..plots import dlogits
-
-    out = dlogits.plot_dlogits(args.out, args.input).path
-    print(f"wrote {out}")
-    return 0
-
-
-def cmd_plot_diagnostics(args: argparse.Namespace) -> int:
-    from ..plots import runs
-
-    workdir = Path(args.workdir)
-    out = Path(args.out) if args.out else workdir / "diagnostics.png"
-    runs.plot_diagnostics(runs.load_run_for_plot(workdir), out)
-    print(f"wrote {out}")
-    return 0
-
-
-def cmd_plot_attention(args: argparse.Namespace) -> int:
-    from ..plots import runs
-
-    if not 1 <= args.items <= 16:
-        raise UserError(f"--items must be between 1 and 16, got {args.items}")
-    workdir = Path(args.workdir)
-    out = Path(args.out) if args.out else workdir / "attention.png"
-    runs.plot_attention(runs.load_run_for_plot(workdir), out, items=args.items)
-    print(f"wrote {out}")
     return 0

@@ -7,29 +7,30 @@ import json
 import sys
 from pathlib import Path
 
-import torch
-
-from .. import models
 from ..errors import UserError
-from .. import rundir
-from ..training import loop, threads
-from ..training.run import resume_run, start_run
-from ..training.config import new_config
-from ..training.distill import DEFAULT_WEIGHT as DEFAULT_DISTILL
-from .flags import add_model_flags, model_flags
+from . import catalog
+from .catalog import DISTILL_DEFAULT as DEFAULT_DISTILL
+from .flags import DEFAULT_WORKDIR, add_model_flags, add_workdir_flag, model_flags
 
-DEFAULT_WORKDIR = "out"
+# torch and the training code are imported by the commands that run, not here: --help and a
+# usage error answer without the seconds that importing torch takes
+
 TRAIN_FLAGS = ("steps", "batch_size", "lr", "lr_decay_step", "lr_decay_to", "seed", "optimizer",
                "weight_decay", "warmup_steps", "lr_schedule", "dropout", "ema", "sam", "distill")
 SPLIT_SEED = 42
 MAX_SAMPLES = 100_000
+SEED_RANGE = (-2**63, 2**64 - 1)  # what torch.Generator.manual_seed takes
 
 
 def default_device() -> str:
+    import torch
+
     return "cuda" if torch.cuda.is_available() else "cpu"
 
 
 def resolve_device(name: str | None) -> str:
+    import torch
+
     name = name or default_device()
     if name == "cuda" and not torch.cuda.is_available():
         raise UserError("--device cuda was asked for but no CUDA GPU is available; use --device cpu")
@@ -42,18 +43,28 @@ def cmd_train(args: argparse.Namespace) -> int:
             raise UserError(f"--{flag.replace('_', '-')} must be 0 or more, got {getattr(args, flag)}")
     if args.num_threads is not None and args.num_threads < 1:
         raise UserError(f"--num-threads must be at least 1, got {args.num_threads}")
+    check_seed(args.seed, "--seed")
     if args.grad == "autograd" and args.check_grads:
         raise UserError("--check-grads compares the hand-written gradients with autograd's; with "
                         "--grad autograd it would compare autograd with itself: use --grad fast "
                         "or eager with it")
+    from .. import rundir
+
     workdir = Path(args.out_dir)
     if workdir.exists() and not workdir.is_dir():
         raise UserError(f"-o {workdir} is a file, not a directory; pass a directory for the run")
-    with rundir.locked(workdir):
+    with rundir.locked(workdir, resume=args.resume):
         return train_locked(args, workdir)
 
 
 def train_locked(args: argparse.Namespace, workdir: Path) -> int:
+    import torch
+
+    from .. import models, rundir
+    from ..training import loop, threads
+    from ..training.config import new_config
+    from ..training.run import resume_run, start_run
+
     # a resumed run stays on the device its checkpoint (and its RNG state) was made on
     device = resolve_device(args.device or (rundir.checkpoint_device(workdir) if args.resume else None))
     train_flags = {k: getattr(args, k) for k in TRAIN_FLAGS}
@@ -62,7 +73,7 @@ def train_locked(args: argparse.Namespace, workdir: Path) -> int:
         state = resume_run(workdir, args.input, args.type, model_flags(args, spec),
                                 train_flags, args.split_seed, device, args.teacher)
     else:
-        spec = models.get(args.type or models.DEFAULT)
+        spec = models.get(args.type or catalog.DEFAULT)
         flags = model_flags(args, spec)
         spec.make_config(1, flags)  # a bad flag fails before the data is read
         tcfg = new_config(spec.recipe, train_flags, teachers=bool(args.teacher))
@@ -72,10 +83,15 @@ def train_locked(args: argparse.Namespace, workdir: Path) -> int:
     threads.set_budget(args.num_threads)
     step_threads = args.num_threads or threads.auto_threads(state.tcfg.batch_size, state.params)
     torch.set_num_threads(step_threads)
-    print(f"training a {spec.name} of {sum(p.numel() for p in state.params.values()):,} parameters "
-          f"on {len(state.data.items):,} items ({state.data.vocab.size} symbols) from step "
-          f"{state.step} to {state.tcfg.steps}; gradients: {args.grad}; {device}, "
-          f"{step_threads} thread(s); writing to {workdir}")
+    teachers = state.config.get("teachers") or []
+    taught = (f"; distilled from {count(len(teachers), 'teacher')} "
+              f"({', '.join(t['workdir'] for t in teachers)}), share {state.tcfg.distill:g}"
+              if teachers else "")
+    print(f"training {rundir.article(spec.name)} {spec.name} of "
+          f"{count(sum(p.numel() for p in state.params.values()), 'parameter')} on "
+          f"{count(len(state.data.items), 'item')} ({count(state.data.vocab.size, 'symbol')}) "
+          f"from step {state.step:,} to {state.tcfg.steps:,}{taught}; gradients: {args.grad}; "
+          f"{device}, {count(step_threads, 'thread')}; writing to {workdir}")
     opts = loop.Options(grad=args.grad, eval_every=args.eval_every,
                         checkpoint_every=args.checkpoint_every, diag_every=args.diag_every,
                         check_grads=args.check_grads, progress=not args.no_progress)
@@ -88,11 +104,26 @@ def train_locked(args: argparse.Namespace, workdir: Path) -> int:
     return 0
 
 
+def count(n: int, noun: str) -> str:
+    """'1 item', '20,001 items'."""
+    return f"{n:,} {noun}{'' if n == 1 else 's'}"
+
+
+def check_seed(seed: int | None, flag: str) -> None:
+    """A seed that a torch generator takes (a 64-bit integer)."""
+    if seed is not None and not SEED_RANGE[0] <= seed <= SEED_RANGE[1]:
+        raise UserError(f"{flag} must fit in 64 bits (-2**63 to 2**64 - 1), got {seed}; "
+                        "pass a smaller seed")
+
+
 def cmd_eval(args: argparse.Namespace) -> int:
+    from .. import rundir
     from ..models.base import evaluate
 
     device = resolve_device(args.device)
-    run = rundir.load_run(args.out_dir, device)
+    run = rundir.load_run(args.out_dir, device, checkpoint=True)
+    if run.note:
+        print(run.note, file=sys.stderr)
     result = {}
     for split in ("train", "val", "test"):
         X, Y = (t.to(device) for t in run.data.splits[split])
@@ -106,18 +137,24 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
 
 def cmd_sample(args: argparse.Namespace) -> int:
+    check_seed(args.seed, "--seed")
     return print_samples(Path(args.out_dir), args.num_samples, args.seed, args.temperature,
                          args.top_k, resolve_device(args.device))
 
 
 def print_samples(workdir: Path, num: int, seed: int | None, temperature: float,
                   top_k: int | None, device: str) -> int:
+    import torch
+
+    from .. import rundir
     from ..training.sampling import sample_indices
 
     if not 1 <= num <= MAX_SAMPLES:
         raise UserError(f"-n must be between 1 and {MAX_SAMPLES:,}, got {num}; "
                         "run sample again for more")
-    run = rundir.load_run(workdir, device)
+    run = rundir.load_run(workdir, device, checkpoint=True)
+    if run.note:
+        print(run.note, file=sys.stderr)
     items = run.data.items
     g = torch.Generator(device=device)
     g.manual_seed(seed) if seed is not None else g.seed()
@@ -129,11 +166,13 @@ def print_samples(workdir: Path, num: int, seed: int | None, temperature: float,
         print(text)
     known = set(items)
     new = sum(t not in known for t in texts)
-    print(f"{new} of {num} samples are new (not in the training file)", file=sys.stderr)
+    print(f"{new:,} of {count(num, 'sample')} {'is' if new == 1 else 'are'} new (not in the "
+          "training file)", file=sys.stderr)
     return 0
 
 
 def cmd_bench(args: argparse.Namespace) -> int:
+    from .. import models
     from ..training import bench
 
     if args.repeats < 1:
@@ -149,35 +188,40 @@ def cmd_bench(args: argparse.Namespace) -> int:
 
 
 def register(sub) -> None:
-    types = ", ".join(models.MODELS)
+    types = catalog.types()
     p = sub.add_parser("train", help="train a model with hand-written gradients (by default the "
-                                     "lecture's MLP with its recipe)")
+                                     "lecture's MLP with its recipe)",
+                       formatter_class=argparse.RawDescriptionHelpFormatter,
+                       epilog="Each type's recipe: the defaults of the flags above that say "
+                              "\"the type's recipe\".\n\n" + catalog.recipe_table())
     p.add_argument("--type", default=None, metavar="NAME",
-                   help=f"model type: {types} (default {models.DEFAULT}; a resumed run keeps its own)")
+                   help=f"model type: {types} (default {catalog.DEFAULT}; a resumed run keeps its own)")
     p.add_argument("-i", "--input", "--input-file", dest="input", default=None,
                    help="UTF-8 text file, one item per line (default: the bundled names.txt)")
-    p.add_argument("-o", "--out-dir", "--work-dir", dest="out_dir", default=DEFAULT_WORKDIR,
-                   help=f"work directory for the model, checkpoint and logs (default: {DEFAULT_WORKDIR})")
+    add_workdir_flag(p, f"work directory for the model, checkpoint and logs (default: {DEFAULT_WORKDIR})")
     p.add_argument("--resume", action="store_true",
                    help="continue the run in --out-dir from its checkpoint up to --steps in total")
     p.add_argument("--steps", "--max-steps", dest="steps", type=int, default=None,
-                   help="total SGD steps (default: the model's recipe, 200000 for mlp)")
-    p.add_argument("--batch-size", type=int, default=None, help="examples per step (recipe: 32)")
-    add_model_flags(p, "(default: the model's recipe)")
+                   help="total optimiser steps, SGD or AdamW (default: the type's recipe)")
+    p.add_argument("--batch-size", type=int, default=None,
+                   help="examples per step (default: the type's recipe)")
+    add_model_flags(p, "")
     p.add_argument("--lr", "--learning-rate", dest="lr", type=float, default=None,
-                   help="learning rate (recipe: 0.1)")
+                   help="learning rate (default: the type's recipe)")
     p.add_argument("--lr-decay-step", type=int, default=None,
-                   help="step from which --lr-decay-to is used (recipe: 100000 for mlp)")
+                   help="step from which --lr-decay-to is used (default: the type's recipe)")
     p.add_argument("--lr-decay-to", type=float, default=None,
-                   help="learning rate after the decay step (recipe: 0.01)")
+                   help="learning rate after the decay step (default: the type's recipe)")
     p.add_argument("--lr-schedule", choices=("step", "cosine"), default=None,
-                   help="step: --lr until --lr-decay-step, then --lr-decay-to (recipe: mlp); "
-                        "cosine: a half cosine from --lr down to --lr-decay-to at --lr-decay-step")
+                   help="step: --lr until --lr-decay-step, then --lr-decay-to; cosine: a half "
+                        "cosine from --lr down to --lr-decay-to at --lr-decay-step (default: the "
+                        "type's recipe)")
     p.add_argument("--warmup-steps", type=int, default=None,
-                   help="linear learning-rate warm-up from 0 over this many steps (recipe: 0)")
+                   help="linear learning-rate warm-up from 0 over this many steps (default: the "
+                        "type's recipe)")
     p.add_argument("--optimizer", choices=("sgd", "adamw"), default=None,
-                   help="update rule, written by hand over flat buffers (recipe: sgd for the "
-                        "lecture's models, adamw for makemore's)")
+                   help="update rule, written by hand over flat buffers (default: the type's "
+                        "recipe, sgd for the lecture's models, adamw for makemore's)")
     p.add_argument("--weight-decay", type=float, default=None,
                    help="decoupled weight decay, as AdamW's (recipe: 0, makemore's 0.01, the "
                         "transformer's 0.2 on its weight matrices and embeddings only)")
@@ -200,17 +244,22 @@ def register(sub) -> None:
                    help="the teachers' share of each target: (1 - ALPHA) onehot(label) + ALPHA "
                         f"teachers (default {DEFAULT_DISTILL} with --teacher)")
     p.add_argument("--seed", type=int, default=None,
-                   help="seed of the initialisation and of batch sampling (default 2147483647)")
+                   help=f"seed of the initialisation and of batch sampling (default: the type's "
+                        f"recipe, {catalog.SEED} for the lecture's models, {catalog.MAKEMORE_SEED} "
+                        "for makemore's)")
     p.add_argument("--split-seed", type=int, default=None,
                    help="seed of the 80/10/10 item split (default 42)")
     p.add_argument("--eval-every", type=int, default=10_000,
-                   help="steps between val-loss measurements (0: never)")
+                   help="steps between val-loss measurements (0: never; default 10000)")
     p.add_argument("--checkpoint-every", type=int, default=10_000,
-                   help="steps between checkpoints (0: only at the end)")
+                   help="steps between checkpoints, which eval, sample and plot read while the "
+                        "run trains (0: only at the end; default 10000)")
     p.add_argument("--diag-every", type=int, default=1000,
-                   help="steps between update-to-data ratio records in metrics.jsonl (0: never)")
+                   help="steps between update-to-data ratio records in metrics.jsonl (0: never; "
+                        "default 1000)")
     p.add_argument("--check-grads", type=int, default=0, metavar="N",
-                   help="compare the gradients with autograd's during the first N steps")
+                   help="compare the gradients with autograd's during the first N steps "
+                        "(default 0)")
     p.add_argument("--grad", choices=("fast", "eager", "autograd"), default="fast",
                    help="gradient route: fast (default, fused hand-written), eager (layer by layer, "
                         "hand-written) or autograd (a reference for checking only)")
@@ -218,31 +267,32 @@ def register(sub) -> None:
                    help="CPU threads (default: 1 for small models, all cores for large ones)")
     p.add_argument("--device", choices=("cpu", "cuda"), default=None,
                    help="default: cuda when available, else cpu")
-    p.add_argument("--num-samples", type=int, default=10, help="samples to print after training (0: none)")
+    p.add_argument("--num-samples", type=int, default=10,
+                   help="samples to print after training (0: none; default 10)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.set_defaults(func=cmd_train)
 
     p = sub.add_parser("eval", help="train/val/test loss of a trained run")
-    p.add_argument("-o", "--out-dir", "--work-dir", dest="out_dir", default=DEFAULT_WORKDIR,
-                   help="the run's work directory")
+    add_workdir_flag(p, f"the run's work directory (default: {DEFAULT_WORKDIR})")
     p.add_argument("--json", action="store_true", help='print {"train": .., "val": .., "test": ..}')
-    p.add_argument("--device", choices=("cpu", "cuda"), default=None)
+    p.add_argument("--device", choices=("cpu", "cuda"), default=None,
+                   help="where to evaluate (default: cuda when available, else cpu)")
     p.set_defaults(func=cmd_eval)
 
     p = sub.add_parser("sample", help="generate items from a trained run")
-    p.add_argument("-o", "--out-dir", "--work-dir", dest="out_dir", default=DEFAULT_WORKDIR,
-                   help="the run's work directory")
+    add_workdir_flag(p, f"the run's work directory (default: {DEFAULT_WORKDIR})")
     p.add_argument("-n", "--num-samples", type=int, default=20, help="how many items (default 20)")
     p.add_argument("--seed", type=int, default=None, help="sampling seed (default: random)")
     p.add_argument("--temperature", type=float, default=1.0, help="softmax temperature (default 1)")
     p.add_argument("--top-k", type=int, default=None, help="sample only from the k likeliest symbols")
-    p.add_argument("--device", choices=("cpu", "cuda"), default=None)
+    p.add_argument("--device", choices=("cpu", "cuda"), default=None,
+                   help="where to sample (default: cuda when available, else cpu)")
     p.set_defaults(func=cmd_sample)
 
     p = sub.add_parser("bench", help="time a model's training step by autograd and by its "
                                      "hand-written routes")
-    p.add_argument("--type", default=models.DEFAULT, metavar="NAME",
-                   help=f"model type: {types} (default {models.DEFAULT})")
+    p.add_argument("--type", default=catalog.DEFAULT, metavar="NAME",
+                   help=f"model type: {types} (default {catalog.DEFAULT})")
     p.add_argument("--json", action="store_true", help="print the rows as a JSON list")
     p.add_argument("--repeats", type=int, default=5, help="timed rounds per route (median reported)")
     p.add_argument("--quick", action="store_true", help="only the model's recipe size")

@@ -36,7 +36,8 @@ def check_batch_dlogits(data_path: str | Path | None = None) -> tuple[Tensor, Te
     return atomic.fused_dlogits(logits, setup.Yb), setup.Yb, setup.vocab
 
 
-def plot_dlogits(out: str | Path, data_path: str | Path | None = None) -> DlogitsPlot:
+def plot_dlogits(out: str | Path, data_path: str | Path | None = None,
+                 force: bool = False) -> DlogitsPlot:
     dlogits, Yb, vocab = check_batch_dlogits(data_path)
     n, V = dlogits.shape
     fig = Figure(figsize=(10, 9))
@@ -54,4 +55,4 @@ def plot_dlogits(out: str | Path, data_path: str | Path | None = None) -> Dlogit
     ax.legend(loc="upper center", bbox_to_anchor=(0.5, -0.08), fontsize=9, frameon=False)
     fig.colorbar(image, ax=ax, label="dloss / dlogit")
     fig.tight_layout()
-    return DlogitsPlot(save(fig, out), dlogits, Yb)
+    return DlogitsPlot(save(fig, out, force), dlogits, Yb)

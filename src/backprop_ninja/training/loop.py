@@ -60,26 +60,40 @@ class Diverged(UserError):
 
 
 class StopFlag:
-    """Ctrl-C asks the loop to stop at the next step boundary; a second Ctrl-C stops at once."""
+    """Ctrl-C (SIGINT) or SIGTERM, as job schedulers send, asks the loop to stop at the next step
+    boundary, and says so at once with what comes next; a second one stops at once."""
 
-    def __init__(self):
+    SIGNALS = (signal.SIGINT, signal.SIGTERM)
+    NAMES = {signal.SIGINT: "Ctrl-C", signal.SIGTERM: "SIGTERM"}
+
+    def __init__(self, log: Callable[[str], None] | None = None):
         self.requested = False
-        self.previous = None
+        self.signum: int | None = None
+        self.previous: dict[int, object] = {}
+        self.log = log or (lambda text: print(text, file=sys.stderr, flush=True))
 
     def __enter__(self):
-        try:
-            self.previous = signal.signal(signal.SIGINT, self._handle)
-        except ValueError:  # not the main thread: no handler, Ctrl-C behaves as usual
-            self.previous = None
+        for signum in self.SIGNALS:
+            try:
+                self.previous[signum] = signal.signal(signum, self._handle)
+            except ValueError:  # not the main thread: no handler, signals behave as usual
+                break
         return self
 
     def _handle(self, signum, frame):
-        self.requested = True
-        signal.signal(signal.SIGINT, signal.default_int_handler)
+        self.requested, self.signum = True, signum
+        # a second signal of the same kind stops at once
+        signal.signal(signum, signal.default_int_handler if signum == signal.SIGINT
+                      else signal.SIG_DFL)
+        again = "Ctrl-C" if signum == signal.SIGINT else "SIGTERM"
+        self.log(f"\n{self.NAMES.get(signum, 'signal')}: stopping at the next step boundary, then "
+                 "saving a checkpoint and the model (calibrated and evaluated over the training "
+                 f"and validation splits, which can take a while); {again} again to stop at once "
+                 "without saving")
 
     def __exit__(self, *exc):
-        if self.previous is not None:
-            signal.signal(signal.SIGINT, self.previous)
+        for signum, previous in self.previous.items():
+            signal.signal(signum, previous)
 
 
 @torch.no_grad()

@@ -158,7 +158,7 @@ def resume_run(workdir: Path, input_path: str | None, model_type: str | None, cf
     config["train"] = asdict(tcfg)
     recorded = config.get("teachers", [])
     if recorded and not spec.soft_targets:
-        raise rundir.bad_config(workdir / rundir.CONFIG, f"a {spec.name} cannot have teachers")
+        raise rundir.bad_config(workdir / rundir.CONFIG, f"{rundir.article(spec.name)} {spec.name} cannot have teachers")
     if teachers:  # moved teachers: the same model files (by SHA-256) in new directories
         recorded = config["teachers"] = distill.relocate(recorded, teachers)
     teacher = distill.load(recorded, tcfg.distill, config["data"], data.splits["train"][0].to(device)) \
