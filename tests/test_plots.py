@@ -1,5 +1,6 @@
 """The learner's pictures: valid PNG files, showing the right data."""
 
+import json
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -105,7 +106,12 @@ def test_diagnostics_of_a_real_short_run(tmp_path, capsys):
     assert f"wrote {workdir / 'diagnostics.png'}" in capsys.readouterr().out
     assert_png(workdir / "diagnostics.png")
     d = runs.diagnose_run(runs.load_run_for_plot(workdir))
-    assert len(d.ud["W1"]) >= 5 and all(-6 < v < 0 for _, v in d.ud["W1"])
+    # the panel draws exactly the run's records (whose values tests/test_train.py checks against
+    # the parameters' real change), at the steps they were made
+    rows = [json.loads(line) for line in (workdir / "metrics.jsonl").read_text().splitlines()]
+    recorded = [(r["step"], r["ud"]["W1"]) for r in rows if "ud" in r]
+    assert [step for step, _ in recorded] == [49, 99, 149, 199, 249, 299]
+    assert d.ud["W1"] == recorded
 
 
 @pytest.mark.parametrize("make", ["missing", "empty"])
