@@ -167,15 +167,21 @@ def finite_difference_grads(fn: Callable[..., Tensor], inputs: Mapping[str, Tens
         g = torch.zeros_like(x)
         flat, gflat = x.view(-1), g.view(-1)
         for i in range(flat.numel()):
-            old = flat[i].item()
-            flat[i] = old + h
-            plus = objective()
-            flat[i] = old - h
-            minus = objective()
-            flat[i] = old
-            gflat[i] = (plus - minus) / (2 * h)
+            gflat[i] = central_difference(flat, i, objective, h)
         grads[name] = g
     return grads
+
+
+def central_difference(flat: Tensor, i: int, objective: Callable[[], float], h: float) -> float:
+    """(f(x + h e_i) - f(x - h e_i)) / 2h for entry i of ``flat`` (a view of f's input), which is
+    restored afterwards."""
+    old = flat[i].item()
+    flat[i] = old + h
+    plus = objective()
+    flat[i] = old - h
+    minus = objective()
+    flat[i] = old
+    return (plus - minus) / (2 * h)
 
 
 def relative_error(analytic: Tensor, numeric: Tensor) -> float:

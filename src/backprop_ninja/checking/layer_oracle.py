@@ -20,6 +20,8 @@ from torch import Tensor
 from torch.overrides import TorchFunctionMode
 from torch.utils._pytree import tree_map
 
+from .gradcheck import central_difference
+
 FD_ALL = 512
 FD_SAMPLE = 256
 FD_STEP = 1e-6
@@ -80,13 +82,7 @@ def finite_differences(forward: Callable[..., Tensor], values: dict[str, object]
             entries = index.tolist()
         vals = torch.empty(len(entries), dtype=torch.float64)
         for j, i in enumerate(entries):
-            old = flat[i].item()
-            flat[i] = old + FD_STEP
-            plus = objective()
-            flat[i] = old - FD_STEP
-            minus = objective()
-            flat[i] = old
-            vals[j] = (plus - minus) / (2 * FD_STEP)
+            vals[j] = central_difference(flat, i, objective, FD_STEP)
         out[k] = Sampled(index.to(x[k].device) if index is not None else None,
                          vals.to(x[k].device))
     return out
