@@ -25,6 +25,7 @@ Dimension letters: n batch, T positions, H or C features; m = n (2-D) or n*T (3-
 
 from __future__ import annotations
 
+import threading
 from contextlib import contextmanager
 from typing import Callable, Iterator, NamedTuple
 
@@ -56,19 +57,19 @@ class BatchNormCache(NamedTuple):
     m: int | None = None
 
 
-_group_reduce: Callable[[Tensor], None] | None = None
+_group = threading.local()  # .reduce: this thread's all-reduce inside ``over_group``
 
 
 @contextmanager
 def over_group(reduce: Callable[[Tensor], None] | None) -> Iterator[None]:
     """Training batchnorms inside the block take their statistics over the group's global batch
     (``reduce`` sums a tensor in place over the processes); None: each its own batch."""
-    global _group_reduce
-    saved, _group_reduce = _group_reduce, reduce
+    saved = getattr(_group, "reduce", None)
+    _group.reduce = reduce
     try:
         yield
     finally:
-        _group_reduce = saved
+        _group.reduce = saved
 
 
 def feature_dims(x: Tensor) -> tuple[int, ...]:
@@ -89,8 +90,9 @@ def batchnorm_forward(x: Tensor, gain: Tensor, bias: Tensor, stats: BatchNormSta
     trains there, so the cache is None."""
     if stats is not None:
         return batchnorm_apply(x, gain, bias, stats, eps), None
-    if _group_reduce is not None:
-        return group_batchnorm_forward(x, gain, bias, correction, eps, _group_reduce)
+    reduce = getattr(_group, "reduce", None)
+    if reduce is not None:
+        return group_batchnorm_forward(x, gain, bias, correction, eps, reduce)
     dims = feature_dims(x)
     check_batch_size(x.numel() // x.shape[-1])
     var, mean = torch.var_mean(x, dim=dims, keepdim=True, correction=correction)

@@ -333,7 +333,7 @@ def _worker(rank: int, world: int, target, args, errors) -> None:
     except KeyboardInterrupt:
         code = 130
     sys.stdout.flush()
-    os._exit(code or 0)  # no atexit of the parent's modules in a spawned child
+    sys.exit(code or 0)
 
 
 def launch(args, target, nproc: int, port: int | None, timeout: float) -> int:
