@@ -130,3 +130,37 @@ def test_ranks_gradients_after_the_all_reduce_equal_autograd_on_the_global_batch
     grads = ThreadGroup(world).run(rank)
     for p in reference:  # the flat all-reduce: SUM, then / N
         close(sum(g[p] for g in grads) / world, reference[p])
+
+
+@pytest.mark.parametrize("name", ["rnn", "transformer"])
+def test_padded_targets_weight_each_rank_by_its_count_of_real_targets(name):
+    """Sequence models: the slices hold different numbers of real (not padded) targets, so the
+    global gradient is sum_r c_r g_r / C, not the mean of the ranks' gradients."""
+    from types import SimpleNamespace
+
+    from backprop_ninja.data import Dataset, default_data_path
+    from backprop_ninja.nn.losses import IGNORE_INDEX
+    from backprop_ninja.training.distributed import GroupStep
+    from backprop_ninja.training.optim import OptimConfig
+    from backprop_ninja.training.steps import EagerStep
+
+    spec = models.get(name)
+    X, Y = Dataset.load(default_data_path(), block_size=None, layout="sequence").splits["train"]
+    cfg = spec.make_config(27, {**spec.tiny, "block_size": X.shape[1]})
+    params = {k: v.double() for k, v in spec.init(cfg, torch.Generator().manual_seed(3)).items()}
+    world, n = 2, 8
+    ix = torch.arange(n) * 997 % X.shape[0]
+    counts = (Y[ix] != IGNORE_INDEX).view(world, -1).sum(1)
+    assert counts[0] != counts[1]  # the case that matters
+    reference = autograd_param_grads(spec, params, X[ix], Y[ix])
+
+    def rank(r, reduce):
+        group = SimpleNamespace(rank=r, world=world, all_reduce=reduce, reduce_seconds=0.0)
+        inner = EagerStep(spec, params, X, Y, n // world, OptimConfig())
+        step = GroupStep(inner, group, Y, n, None, 0)
+        step.step(ix, 0.0)  # lr 0: the gradients, the parameters left as they were
+        return dict(step.grads)
+
+    for grads in ThreadGroup(world).run(rank):  # every rank holds the global gradient
+        for p in reference:
+            close(grads[p], reference[p])

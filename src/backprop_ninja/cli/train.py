@@ -114,6 +114,10 @@ def train_locked(args: argparse.Namespace, workdir: Path, group=None) -> int:
     batch = state.tcfg.batch_size
     if group is not None:
         batch = join_run(state, group)
+    elif state.config.get("processes", 1) != 1:  # a run of several processes, resumed in one
+        log(f"resuming a run of {state.config['processes']} processes with 1: the same global "
+            f"batch of {batch}")
+        state.config["processes"] = 1
     threads.set_budget(args.num_threads or (group and distributed.default_threads(group.local_world)))
     step_threads = args.num_threads or threads.auto_threads(batch, state.params)
     torch.set_num_threads(step_threads)

@@ -325,6 +325,13 @@ def join(timeout: float, device: str, backend: str | None) -> Group:
 def _worker(rank: int, world: int, target, args, errors) -> None:
     """A spawned rank: the train command's own function; its one-line error goes back to the
     launcher (which prints one for the group), its exit code too."""
+    import threading
+
+    from tqdm import tqdm
+
+    # tqdm's default lock is a multiprocessing semaphore, which a rank killed with SIGKILL
+    # would leave to the resource tracker's warnings; one rank has one bar, a thread lock will do
+    tqdm.set_lock(threading.RLock())
     try:
         code = target(args)
     except UserError as e:
