@@ -212,6 +212,18 @@ def cmd_bench(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_scaling(args: argparse.Namespace) -> int:
+    from ..training import scaling
+
+    if args.steps < 1:
+        raise UserError(f"--steps must be at least 1, got {args.steps}")
+    rows = scaling.scaling(models.get(args.type).name, args.steps,
+                           log=(lambda s: None) if args.json else print)
+    if args.json:
+        print(json.dumps(rows))
+    return 0
+
+
 def register(sub) -> None:
     types = ", ".join(models.MODELS)
     p = sub.add_parser("train", help="train a model with hand-written gradients (by default the "
@@ -329,3 +341,11 @@ def register(sub) -> None:
                         "as a CUDA graph, and compiled-ro (torch.compile with "
                         "mode='reduce-overhead', compiled first) is timed too")
     p.set_defaults(func=cmd_bench)
+
+    p = sub.add_parser("scaling", help="data-parallel scaling: steps/s and examples/s of 1 process "
+                                       "x 1 thread, 1 x 2 threads and 2 processes x 1 thread")
+    p.add_argument("--type", default=models.DEFAULT, metavar="NAME",
+                   help=f"model type: {types} (default {models.DEFAULT})")
+    p.add_argument("--steps", type=int, default=200, help="timed steps per configuration")
+    p.add_argument("--json", action="store_true", help="print the rows as a JSON list")
+    p.set_defaults(func=cmd_scaling)
