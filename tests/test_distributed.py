@@ -199,3 +199,23 @@ def test_two_gpus_follow_the_single_gpu_trajectory(tmp_path):
     a, b = (load_file(str(tmp_path / d / "checkpoint.safetensors")) for d in ("one", "two"))
     for k in ("C", "W1", "W2", "bngain"):
         assert rel_diff(a[k], b[k], torch.ones_like(a[k], dtype=torch.bool)) <= TOL
+
+
+def rank_with_its_own_data(args: dict) -> int:
+    """A rank whose input differs on rank 1 (as a machine with another copy of the file)."""
+    from backprop_ninja.training import distributed
+
+    group = distributed.join(args["timeout"], "cpu", None)
+    try:
+        group.check_same({"data": {"sha256": "a" if group.rank == 0 else "b"}})
+    finally:
+        group.close()
+    return 0
+
+
+def test_ranks_whose_data_differ_stop_with_one_line(capsys):
+    from backprop_ninja.errors import UserError
+    from backprop_ninja.training import distributed
+
+    with pytest.raises(UserError, match=r"rank\(s\) 1 start from other code, data or config than rank 0"):
+        distributed.launch({"timeout": 20.0}, rank_with_its_own_data, 2, None, 20.0)

@@ -97,7 +97,8 @@ def scaling(name: str, steps: int, log=print) -> list[dict]:
                        "allreduce_share": got["reduce_seconds"] / got["seconds"],
                        "vs_1x1": rate / base, "efficiency": rate / (nproc * base) if nproc > 1 else None}
                 rows.append(row)
-                size = ", ".join(f"{k} {v}" for k, v in overrides.items()) or "recipe"
+                size = "recipe" if (batch, overrides) == sizes(spec)[0] else \
+                    "large" + "".join(f", {k} {v}" for k, v in overrides.items())
                 eff = f"  efficiency {row['efficiency']:.2f}" if row["efficiency"] else ""
                 log(f"{name} batch {batch:>5} ({size}): {nproc} proc x {threads_each} thread  "
                     f"{rate:8.1f} steps/s  {rate * batch:10,.0f} examples/s  all-reduce "
