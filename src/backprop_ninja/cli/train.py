@@ -81,6 +81,9 @@ def train_rank(args: argparse.Namespace) -> int:
     a single process does, on its slice of each global batch. Rank 0 holds the work directory's
     lock under torchrun; under --nproc the launching process holds it."""
     workdir = Path(args.out_dir)
+    if args.check_grads:
+        raise UserError("--check-grads compares one process's gradients with autograd's; drop it "
+                        "with several processes, or check with one")
     device = resolve_device(args.device or (rundir.checkpoint_device(workdir) if args.resume else None))
     group = distributed.join(args.timeout, device, args.backend)
     try:

@@ -92,7 +92,7 @@ def batchnorm_forward(x: Tensor, gain: Tensor, bias: Tensor, stats: BatchNormSta
         return batchnorm_apply(x, gain, bias, stats, eps), None
     reduce = getattr(_group, "reduce", None)
     if reduce is not None:
-        return group_batchnorm_forward(x, gain, bias, correction, eps, reduce)
+        return batchnorm_forward_over_group(x, gain, bias, correction, eps, reduce)
     dims = feature_dims(x)
     check_batch_size(x.numel() // x.shape[-1])
     var, mean = torch.var_mean(x, dim=dims, keepdim=True, correction=correction)
@@ -113,7 +113,7 @@ def batchnorm_backward(dout: Tensor, cache: BatchNormCache) -> tuple[Tensor, Ten
     a backward that dropped either.
     """
     if cache.reduce is not None:
-        return group_batchnorm_backward(dout, cache)
+        return batchnorm_backward_over_group(dout, cache)
     dims = feature_dims(dout)
     m = dout.numel() // dout.shape[-1]
     dbias = dout.sum(dims, keepdim=True)
@@ -123,7 +123,7 @@ def batchnorm_backward(dout: Tensor, cache: BatchNormCache) -> tuple[Tensor, Ten
     return dx, dgain, dbias
 
 
-def group_batchnorm_forward(x: Tensor, gain: Tensor, bias: Tensor, correction: int, eps: float,
+def batchnorm_forward_over_group(x: Tensor, gain: Tensor, bias: Tensor, correction: int, eps: float,
                             reduce: Callable[[Tensor], None]) -> tuple[Tensor, BatchNormCache]:
     """Training batchnorm over the group's global batch: pass 1 all-reduces [sum(x), m_local]
     for the mean, pass 2 sum((x - mean)^2) for the variance (a second pass, numerically sound
@@ -147,7 +147,7 @@ def group_batchnorm_forward(x: Tensor, gain: Tensor, bias: Tensor, correction: i
                                reduce, m)
 
 
-def group_batchnorm_backward(dout: Tensor, cache: BatchNormCache) -> tuple[Tensor, Tensor, Tensor]:
+def batchnorm_backward_over_group(dout: Tensor, cache: BatchNormCache) -> tuple[Tensor, Tensor, Tensor]:
     """``batchnorm_backward`` over the group: sum(dy) and sum(dy * xhat) all-reduced (one
     collective), the global m, this process's dy and xhat; gain's and bias's gradients are this
     process's own sums."""

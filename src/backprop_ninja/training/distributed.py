@@ -400,6 +400,9 @@ def wait(procs, timeout: float, store, errors) -> int:
             for r, p in enumerate(procs):
                 if first_death is None and p.exitcode is not None and p.exitcode < 0:
                     first_death = (r, -p.exitcode)
+                if deadline is None and p.exitcode not in (None, 0, 130):
+                    # a rank failed: the rest stop at their next collective, or after the
+                    # timeout; one that does neither (stopped, wedged) is killed after it
                     deadline = time.monotonic() + timeout + GRACE
             if deadline is not None and time.monotonic() > deadline:
                 for p in procs:
