@@ -155,7 +155,7 @@ class Group:
         on every rank, or training stops."""
         h = hashlib.sha256()
         for t in tensors:
-            h.update(t.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes())
+            h.update(t.detach().cpu().reshape(-1).contiguous().view(torch.uint8).numpy().tobytes())
         gathered = self.all_gather(torch.tensor(list(h.digest()), dtype=torch.int64))
         differ = [r for r, d in enumerate(gathered) if not torch.equal(d, gathered[0])]
         if differ:
