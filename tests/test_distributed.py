@@ -18,7 +18,6 @@ from safetensors.torch import load_file
 
 from backprop_ninja import models
 from backprop_ninja.cli import main
-from backprop_ninja.training.optim import views
 from helpers import one_line_error
 
 QUIET = ["--no-progress", "--num-samples", "0", "--diag-every", "0"]
