@@ -10,6 +10,7 @@ import pytest
 from backprop_ninja import models
 from backprop_ninja.cli import catalog, main
 from backprop_ninja.learning.sandbox import TIME_LIMIT_S
+from backprop_ninja.training import distributed
 from backprop_ninja.training.config import TrainConfig
 from backprop_ninja.training.distill import DEFAULT_WEIGHT
 
@@ -40,6 +41,7 @@ def test_the_catalog_matches_the_models():
     assert {k: defaults[k] for k in catalog.TRAIN_DEFAULTS} == catalog.TRAIN_DEFAULTS
     assert catalog.DISTILL_DEFAULT == DEFAULT_WEIGHT
     assert catalog.CHECK_TIME_LIMIT_S == TIME_LIMIT_S
+    assert catalog.GROUP_TIMEOUT_S == distributed.DEFAULT_TIMEOUT
     assert set(catalog.SEQUENCE_MODELS) == {n for n, s in models.MODELS.items()
                                             if s.layout == "sequence"}
 

@@ -40,6 +40,7 @@ TRAIN_DEFAULTS = {"optimizer": "sgd", "weight_decay": 0.0, "warmup_steps": 0,
                   "lr_schedule": "step", "dropout": 0.0, "ema": 0.0, "sam": 0.0}
 DISTILL_DEFAULT = 0.5      # training.distill.DEFAULT_WEIGHT
 CHECK_TIME_LIMIT_S = 60.0  # learning.sandbox.TIME_LIMIT_S
+GROUP_TIMEOUT_S = 60.0     # training.distributed.DEFAULT_TIMEOUT
 # model types whose block size 0 means "the longest item + 1, from the data"
 SEQUENCE_MODELS = ("rnn", "gru", "bow", "transformer")
 

@@ -48,25 +48,76 @@ def cmd_train(args: argparse.Namespace) -> int:
         raise UserError("--check-grads compares the hand-written gradients with autograd's; with "
                         "--grad autograd it would compare autograd with itself: use --grad fast "
                         "or eager with it")
+    if args.timeout <= 0:
+        raise UserError(f"--timeout must be above 0 seconds, got {args.timeout:g}")
     from .. import rundir
+    from ..training import distributed
 
     workdir = Path(args.out_dir)
     if workdir.exists() and not workdir.is_dir():
         raise UserError(f"-o {workdir} is a file, not a directory; pass a directory for the run")
-    with rundir.locked(workdir, resume=args.resume):
+    if distributed.in_group_env():  # one rank of a group: started by --nproc or by torchrun
+        return train_rank(args)
+    if args.nproc is not None:
+        distributed.check_nproc(args.nproc)
+    with rundir.locked(workdir, resume=args.resume):  # held here for the whole group
+        if args.nproc is not None and args.nproc > 1:
+            distributed.check_nproc(args.nproc, global_batch(args, workdir))
+            if args.check_grads:
+                raise UserError("--check-grads compares one process's gradients with autograd's; "
+                                "drop it with --nproc, or check with one process")
+            resolve_device(args.device)
+            return distributed.launch(args, train_rank, args.nproc, args.master_port, args.timeout)
         return train_locked(args, workdir)
 
 
-def train_locked(args: argparse.Namespace, workdir: Path) -> int:
+def global_batch(args: argparse.Namespace, workdir: Path) -> int:
+    """The batch a run will take (the flag, the resumed run's, or the recipe's), to check
+    --nproc against before starting any process."""
+    from .. import rundir
+
+    if args.batch_size is not None:
+        return args.batch_size
+    if args.resume and (workdir / rundir.CONFIG).exists():
+        return int(rundir.read_config(workdir)["train"]["batch_size"])
+    return int(catalog.RECIPES[args.type or catalog.DEFAULT]["batch_size"])
+
+
+def train_rank(args: argparse.Namespace) -> int:
+    """One rank of a data-parallel group (``training.distributed``): joins it, then trains as
+    a single process does, on its slice of each global batch. Rank 0 holds the work directory's
+    lock under torchrun; under --nproc the launching process holds it."""
+    from .. import rundir
+    from ..training import distributed
+
+    workdir = Path(args.out_dir)
+    if args.check_grads:
+        raise UserError("--check-grads compares one process's gradients with autograd's; drop it "
+                        "with several processes, or check with one")
+    device = resolve_device(args.device or (rundir.checkpoint_device(workdir) if args.resume else None))
+    group = distributed.join(args.timeout, device, args.backend)
+    try:
+        if distributed.spawned() or not group.is_writer:
+            return train_locked(args, workdir, group)
+        with rundir.locked(workdir, resume=args.resume):
+            return train_locked(args, workdir, group)
+    finally:
+        group.close()
+
+
+def train_locked(args: argparse.Namespace, workdir: Path, group=None) -> int:
     import torch
 
     from .. import models, rundir
-    from ..training import loop, threads
+    from ..training import distributed, loop, threads
     from ..training.config import new_config
     from ..training.run import resume_run, start_run
 
     # a resumed run stays on the device its checkpoint (and its RNG state) was made on
     device = resolve_device(args.device or (rundir.checkpoint_device(workdir) if args.resume else None))
+    if group is not None and device == "cuda":
+        device = f"cuda:{group.local_rank}"
+    log = print if group is None else group.log
     train_flags = {k: getattr(args, k) for k in TRAIN_FLAGS}
     if args.resume:
         spec = rundir.model_from_config(rundir.read_config(workdir))[0]
@@ -80,27 +131,61 @@ def train_locked(args: argparse.Namespace, workdir: Path) -> int:
         split_seed = SPLIT_SEED if args.split_seed is None else args.split_seed
         state = start_run(workdir, args.input, spec, flags, tcfg, split_seed, device,
                                args.teacher)
-    threads.set_budget(args.num_threads)
-    step_threads = args.num_threads or threads.auto_threads(state.tcfg.batch_size, state.params)
+    batch = state.tcfg.batch_size
+    if group is not None:
+        batch = join_run(state, group)
+    elif state.config.get("processes", 1) != 1:  # a run of several processes, resumed in one
+        log(f"resuming a run of {state.config['processes']} processes with 1: the same global "
+            f"batch of {batch}")
+        state.config["processes"] = 1
+    threads.set_budget(args.num_threads or (group and distributed.default_threads(group.local_world)))
+    step_threads = args.num_threads or threads.auto_threads(batch, state.params)
     torch.set_num_threads(step_threads)
     teachers = state.config.get("teachers") or []
     taught = (f"; distilled from {count(len(teachers), 'teacher')} "
               f"({', '.join(t['workdir'] for t in teachers)}), share {state.tcfg.distill:g}"
               if teachers else "")
-    print(f"training {rundir.article(spec.name)} {spec.name} of "
+    log(f"training {rundir.article(spec.name)} {spec.name} of "
           f"{count(sum(p.numel() for p in state.params.values()), 'parameter')} on "
           f"{count(len(state.data.items), 'item')} ({count(state.data.vocab.size, 'symbol')}) "
           f"from step {state.step:,} to {state.tcfg.steps:,}{taught}; gradients: {args.grad}; "
           f"{device}, {count(step_threads, 'thread')}; writing to {workdir}")
     opts = loop.Options(grad=args.grad, eval_every=args.eval_every,
                         checkpoint_every=args.checkpoint_every, diag_every=args.diag_every,
-                        check_grads=args.check_grads, progress=not args.no_progress)
+                        check_grads=args.check_grads, progress=not args.no_progress, log=log,
+                        group=group)
     outcome = loop.train(state, opts)
     if outcome == "interrupted":
         return 130
-    if args.num_samples:
+    if args.num_samples and (group is None or group.is_writer):
         return print_samples(workdir, args.num_samples, seed=None, temperature=1.0, top_k=None,
                              device=device)
+    return 0
+
+
+def join_run(state, group) -> int:
+    """A rank's part of the run: the global batch shared out, the world size in the config, the
+    same code, data and config on every rank; returns the rank's slice of the batch."""
+    batch = state.tcfg.batch_size
+    distributed.check_nproc(group.world, batch)
+    before = state.config.get("processes", 1)
+    if state.step and before != group.world:
+        group.log(f"resuming a run of {before} process(es) with {group.world}: the same global batch "
+                  f"of {batch}, {batch // group.world} examples per process")
+    state.config["processes"] = group.world
+    group.check_same({"config": state.config, "step": state.step})
+    return batch // group.world
+
+
+def cmd_scaling(args: argparse.Namespace) -> int:
+    from ..training import scaling
+
+    if args.steps < 1:
+        raise UserError(f"--steps must be at least 1, got {args.steps}")
+    rows = scaling.scaling(args.type, args.steps,
+                           log=(lambda s: None) if args.json else print)
+    if args.json:
+        print(json.dumps(rows))
     return 0
 
 
@@ -270,7 +355,26 @@ def register(sub) -> None:
     p.add_argument("--num-samples", type=int, default=10,
                    help="samples to print after training (0: none; default 10)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.add_argument("--nproc", type=int, default=None, metavar="N",
+                   help="data-parallel training in N local processes (gloo on the CPU, NCCL on "
+                        "CUDA, one GPU each); --batch-size stays the global batch. Under torchrun "
+                        "leave it out: the ranks come from the environment")
+    p.add_argument("--timeout", type=float, default=catalog.GROUP_TIMEOUT_S, metavar="SECONDS",
+                   help="with several processes: how long a collective waits for the other ranks "
+                        "before the group stops with an error (default %(default)g)")
+    p.add_argument("--master-port", type=int, default=None, metavar="PORT",
+                   help="with --nproc: the port on 127.0.0.1 the ranks meet on (default: a free one)")
+    p.add_argument("--backend", choices=("gloo", "nccl"), default=None,
+                   help="with several processes: gloo (default on the CPU) or nccl (default on CUDA)")
     p.set_defaults(func=cmd_train)
+
+    p = sub.add_parser("scaling", help="data-parallel scaling: steps/s and examples/s of 1 process "
+                                       "x 1 thread, 1 x 2 threads and 2 processes x 1 thread")
+    p.add_argument("--type", default=catalog.DEFAULT, metavar="NAME",
+                   help=f"model type: {types} (default {catalog.DEFAULT})")
+    p.add_argument("--steps", type=int, default=200, help="timed steps per configuration")
+    p.add_argument("--json", action="store_true", help="print the rows as a JSON list")
+    p.set_defaults(func=cmd_scaling)
 
     p = sub.add_parser("eval", help="train/val/test loss of a trained run")
     add_workdir_flag(p, f"the run's work directory (default: {DEFAULT_WORKDIR})")

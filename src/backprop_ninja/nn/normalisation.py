@@ -11,12 +11,23 @@ Layer normalisation needs no batch statistics: each row (each position of each s
 normalised by its own mean and biased variance over its C features, the same in training and
 evaluation, so it has no evaluation mode and no batch-size limit.
 
+Batchnorm across processes (data-parallel training): inside ``over_group(reduce)`` a training
+batchnorm normalises with the statistics of the whole global batch, every process holding a slice
+of it; ``reduce`` sums a tensor in place over the processes (an all-reduce). The forward takes
+two passes, the sum (with the count) and then the sum of squares about the global mean, so the
+Bessel variance never subtracts two large sums; the backward all-reduces sum(dy) and
+sum(dy * xhat) and applies exercise 3's formula with the global m. The gradients of gain and
+bias stay the process's own sums (the flat gradient all-reduce adds them up). Outside
+``over_group`` (the default) nothing changes, bit for bit.
+
 Dimension letters: n batch, T positions, H or C features; m = n (2-D) or n*T (3-D).
 """
 
 from __future__ import annotations
 
-from typing import NamedTuple
+import threading
+from contextlib import contextmanager
+from typing import Callable, Iterator, NamedTuple
 
 import torch
 from torch import Tensor
@@ -41,6 +52,24 @@ class BatchNormCache(NamedTuple):
     var_inv: Tensor  # 1 x H, 1/sqrt(var + eps)
     stats: BatchNormStats  # the batch's own mean and variance
     correction: int  # 1: Bessel's (the lecture's), 0: biased
+    # across processes: the all-reduce (sums a tensor in place over the group) and the global m
+    reduce: Callable[[Tensor], None] | None = None
+    m: int | None = None
+
+
+_group = threading.local()  # .reduce: this thread's all-reduce inside ``over_group``
+
+
+@contextmanager
+def over_group(reduce: Callable[[Tensor], None] | None) -> Iterator[None]:
+    """Training batchnorms inside the block take their statistics over the group's global batch
+    (``reduce`` sums a tensor in place over the processes); None: each its own batch."""
+    saved = getattr(_group, "reduce", None)
+    _group.reduce = reduce
+    try:
+        yield
+    finally:
+        _group.reduce = saved
 
 
 def feature_dims(x: Tensor) -> tuple[int, ...]:
@@ -61,6 +90,9 @@ def batchnorm_forward(x: Tensor, gain: Tensor, bias: Tensor, stats: BatchNormSta
     trains there, so the cache is None."""
     if stats is not None:
         return batchnorm_apply(x, gain, bias, stats, eps), None
+    reduce = getattr(_group, "reduce", None)
+    if reduce is not None:
+        return batchnorm_forward_over_group(x, gain, bias, correction, eps, reduce)
     dims = feature_dims(x)
     check_batch_size(x.numel() // x.shape[-1])
     var, mean = torch.var_mean(x, dim=dims, keepdim=True, correction=correction)
@@ -80,12 +112,54 @@ def batchnorm_backward(dout: Tensor, cache: BatchNormCache) -> tuple[Tensor, Ten
     is 0 and m*dy - sum(dy) is 0, so a check driven by a constant upstream gradient would pass
     a backward that dropped either.
     """
+    if cache.reduce is not None:
+        return batchnorm_backward_over_group(dout, cache)
     dims = feature_dims(dout)
     m = dout.numel() // dout.shape[-1]
     dbias = dout.sum(dims, keepdim=True)
     dgain = (dout * cache.xhat).sum(dims, keepdim=True)
     dx = cache.gain * cache.var_inv / m * (
         m * dout - dbias - m / (m - cache.correction) * cache.xhat * dgain)
+    return dx, dgain, dbias
+
+
+def batchnorm_forward_over_group(x: Tensor, gain: Tensor, bias: Tensor, correction: int, eps: float,
+                            reduce: Callable[[Tensor], None]) -> tuple[Tensor, BatchNormCache]:
+    """Training batchnorm over the group's global batch: pass 1 all-reduces [sum(x), m_local]
+    for the mean, pass 2 sum((x - mean)^2) for the variance (a second pass, numerically sound
+    where the shortcut sum(x^2) - m mean^2 would cancel)."""
+    dims = feature_dims(x)
+    H = x.shape[-1]
+    sums = torch.cat([x.sum(dims).reshape(-1),
+                      torch.tensor([x.numel() // H], dtype=x.dtype, device=x.device)])
+    reduce(sums)
+    m = int(round(float(sums[-1])))
+    check_batch_size(m)
+    mean = (sums[:H] / m).view((1,) * len(dims) + (H,))
+    xc = x - mean
+    sq = (xc * xc).sum(dims, keepdim=True)
+    reduce(sq)
+    var = sq / (m - correction)
+    var_inv = (var + eps).rsqrt()
+    xhat = xc * var_inv
+    out = gain * xhat + bias
+    return out, BatchNormCache(xhat, gain, var_inv, BatchNormStats(mean, var), correction,
+                               reduce, m)
+
+
+def batchnorm_backward_over_group(dout: Tensor, cache: BatchNormCache) -> tuple[Tensor, Tensor, Tensor]:
+    """``batchnorm_backward`` over the group: sum(dy) and sum(dy * xhat) all-reduced (one
+    collective), the global m, this process's dy and xhat; gain's and bias's gradients are this
+    process's own sums."""
+    dims = feature_dims(dout)
+    H, m, c = dout.shape[-1], cache.m, cache.correction
+    dbias = dout.sum(dims, keepdim=True)
+    dgain = (dout * cache.xhat).sum(dims, keepdim=True)
+    both = torch.cat([dbias.reshape(-1), dgain.reshape(-1)])
+    cache.reduce(both)
+    total_dbias, total_dgain = both[:H].view(dbias.shape), both[H:].view(dgain.shape)
+    dx = cache.gain * cache.var_inv / m * (
+        m * dout - total_dbias - m / (m - c) * cache.xhat * total_dgain)
     return dx, dgain, dbias
 
 

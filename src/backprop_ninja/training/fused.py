@@ -49,6 +49,14 @@ class FusedStep:
         self.inv_n = torch.tensor(1.0 / n, dtype=self.dtype, device=self.device)
         self.minus_one = torch.full((n, 1), -1.0, dtype=self.dtype, device=self.device)
         self.minus_inv_n = torch.full((n,), -1.0 / n, dtype=self.dtype, device=self.device)
+        # across processes (``over_group``): the all-reduce that batchnorm's sums go through
+        self.reduce = None
+
+    def over_group(self, reduce, world_size: int) -> None:
+        """Batchnorm over the group's global batch of ``world_size`` slices like this one:
+        ``reduce`` sums a tensor in place over the processes. A step without batchnorm needs
+        nothing."""
+        self.reduce = reduce
 
     def new(self, *shape: int, dtype: torch.dtype | None = None) -> Tensor:
         return torch.empty(shape, dtype=dtype or self.dtype, device=self.device)

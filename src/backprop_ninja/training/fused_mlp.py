@@ -31,6 +31,12 @@ class FastStep(FusedStep):
         self.dh, self.dhpreact, self.dhprebn = new(n, H), new(n, H), new(n, H)
         self.dembcat = self.demb.view(n, T * E)
         self.W1_T, self.W2_T = self.params["W1"].T, self.params["W2"].T
+        self.bn_m = n  # the rows batchnorm's statistics cover (the global batch, over a group)
+        self.bn_sums = new(2, H)  # over a group: sum(dy) and sum(dy * xhat), all-reduced
+
+    def over_group(self, reduce, world_size: int) -> None:
+        super().over_group(reduce, world_size)
+        self.bn_m = self.n * world_size
 
     def forward_backward(self, ix: Tensor, loss_out: Tensor | None = None) -> Tensor:
         """Fill ``self.grads`` with the batch's gradients; return its loss (written into
@@ -41,8 +47,13 @@ class FastStep(FusedStep):
         torch.addmm(p["b1"], self.embcat, p["W1"], out=self.hprebn)     # n x H
         # batchnorm statistics from sums (var_mean's reduction is slow for tall, thin inputs)
         torch.sum(self.hprebn, 0, keepdim=True, out=self.stat)
+        if self.reduce is not None:  # over a group: the global batch's mean, then its variance
+            n = self.bn_m
+            self.reduce(self.stat)
         torch.add(self.hprebn, self.stat, alpha=-1.0 / n, out=xhat)      # bndiff
         torch.sum(torch.mul(xhat, xhat, out=tmp), 0, keepdim=True, out=self.stat)
+        if self.reduce is not None:
+            self.reduce(self.stat)
         torch.add(self.eps, self.stat, alpha=1.0 / (n - 1), out=self.var_inv).rsqrt_()
         xhat.mul_(self.var_inv)
         torch.addcmul(p["bnbias"], p["bngain"], xhat, out=self.h).tanh_()
@@ -59,8 +70,14 @@ class FastStep(FusedStep):
         dy = self.dhpreact
         torch.sum(dy, 0, keepdim=True, out=g["bnbias"])
         torch.sum(torch.mul(dy, xhat, out=tmp), 0, keepdim=True, out=g["bngain"])
-        torch.add(dy, g["bnbias"], alpha=-1.0 / n, out=self.dhprebn)
-        torch.addcmul(self.dhprebn, xhat, g["bngain"], value=-1.0 / (n - 1), out=tmp)
+        dbias, dgain = g["bnbias"], g["bngain"]
+        if self.reduce is not None:  # the group's sums for dx; the gradients keep this slice's
+            self.bn_sums[0:1].copy_(dbias)
+            self.bn_sums[1:2].copy_(dgain)
+            self.reduce(self.bn_sums)
+            dbias, dgain = self.bn_sums[0:1], self.bn_sums[1:2]
+        torch.add(dy, dbias, alpha=-1.0 / n, out=self.dhprebn)
+        torch.addcmul(self.dhprebn, xhat, dgain, value=-1.0 / (n - 1), out=tmp)
         torch.mul(tmp, torch.mul(p["bngain"], self.var_inv, out=self.coef), out=self.dhprebn)
         # hprebn = embcat @ W1 + b1
         torch.mm(self.embcat_T, self.dhprebn, out=g["W1"])

@@ -49,7 +49,8 @@ class Level:
     stat: Tensor     # 1 x H
     var_inv: Tensor  # 1 x H
     coef: Tensor     # 1 x H
-    m: int
+    m: int           # the rows batchnorm's statistics cover (over a group: the global batch's)
+    sums: Tensor     # 2 x H: over a group, sum(dy) and sum(dy * xhat), all-reduced
 
 
 class FastStep(FusedStep):
@@ -71,10 +72,15 @@ class FastStep(FusedStep):
             self.levels.append(Level(
                 x, x.T, p[W], p[W].T, p[gain].view(1, H), p[bias].view(1, H), g[W],
                 g[gain].view(1, H), g[bias].view(1, H), dx, new(m, H), new(m, H), h, dh,
-                new(m, H), new(m, H), new(m, H), new(1, H), new(1, H), new(1, H), m))
+                new(m, H), new(m, H), new(m, H), new(1, H), new(1, H), new(1, H), m, new(2, H)))
             below, dbelow, width = h, dh, H
         self.top, self.dtop = below, dbelow                        # n x H
         self.top_T, self.Wout_T = self.top.T, p["Wout"].T
+
+    def over_group(self, reduce, world_size: int) -> None:
+        super().over_group(reduce, world_size)
+        for level in self.levels:
+            level.m *= world_size
 
     def forward_backward(self, ix: Tensor, loss_out: Tensor | None = None) -> Tensor:
         """Fill ``self.grads`` with the batch's gradients; return its loss (written into
@@ -98,21 +104,30 @@ class FastStep(FusedStep):
         """pre = x @ W; batchnorm over the m rows (statistics from sums); h = tanh."""
         torch.mm(L.x, L.W, out=L.pre)
         torch.sum(L.pre, 0, keepdim=True, out=L.stat)
+        if self.reduce is not None:  # over a group: the global batch's mean, then its variance
+            self.reduce(L.stat)
         torch.add(L.pre, L.stat, alpha=-1.0 / L.m, out=L.xhat)
         torch.sum(torch.mul(L.xhat, L.xhat, out=L.tmp), 0, keepdim=True, out=L.stat)
+        if self.reduce is not None:
+            self.reduce(L.stat)
         torch.add(self.eps, L.stat, alpha=1.0 / (L.m - 1), out=L.var_inv).rsqrt_()
         L.xhat.mul_(L.var_inv)
         torch.addcmul(L.bias, L.gain, L.xhat, out=L.h).tanh_()
 
-    @staticmethod
-    def level_backward(L: Level) -> None:
+    def level_backward(self, L: Level) -> None:
         # h = tanh(y): dy = dh * (1 - h^2)
         torch.addcmul(L.dh, L.dh, torch.mul(L.h, L.h, out=L.tmp), value=-1.0, out=L.dy)
         # batchnorm: dpre = gain*var_inv * (dy - sum(dy)/m - xhat * sum(dy*xhat)/(m-1))
         torch.sum(L.dy, 0, keepdim=True, out=L.dbias)
         torch.sum(torch.mul(L.dy, L.xhat, out=L.tmp), 0, keepdim=True, out=L.dgain)
-        torch.add(L.dy, L.dbias, alpha=-1.0 / L.m, out=L.dpre)
-        torch.addcmul(L.dpre, L.xhat, L.dgain, value=-1.0 / (L.m - 1), out=L.tmp)
+        dbias, dgain = L.dbias, L.dgain
+        if self.reduce is not None:  # the group's sums for dpre; the gradients keep this slice's
+            L.sums[0:1].copy_(dbias)
+            L.sums[1:2].copy_(dgain)
+            self.reduce(L.sums)
+            dbias, dgain = L.sums[0:1], L.sums[1:2]
+        torch.add(L.dy, dbias, alpha=-1.0 / L.m, out=L.dpre)
+        torch.addcmul(L.dpre, L.xhat, dgain, value=-1.0 / (L.m - 1), out=L.tmp)
         torch.mul(L.tmp, torch.mul(L.gain, L.var_inv, out=L.coef), out=L.dpre)
         # pre = x @ W
         torch.mm(L.x_T, L.dpre, out=L.dW)

@@ -52,6 +52,8 @@ class Options:
     check_grads: int = 0
     progress: bool = True
     log: Callable[[str], None] = field(default=print)
+    # one rank of a data-parallel group (``distributed.Group``); None: a single process
+    group: object | None = None
 
 
 
@@ -61,13 +63,16 @@ class Diverged(UserError):
 
 class StopFlag:
     """Ctrl-C (SIGINT) or SIGTERM, as job schedulers send, asks the loop to stop at the next step
-    boundary, and says so at once with what comes next; a second one stops at once."""
+    boundary, and says so at once with what comes next; a second one stops at once. In a group
+    of processes (``group=True``) a second signal asks nothing more: the ranks agree on the step
+    to stop at, and none may leave the group's collectives early."""
 
     SIGNALS = (signal.SIGINT, signal.SIGTERM)
     NAMES = {signal.SIGINT: "Ctrl-C", signal.SIGTERM: "SIGTERM"}
 
-    def __init__(self, log: Callable[[str], None] | None = None):
+    def __init__(self, log: Callable[[str], None] | None = None, group: bool = False):
         self.requested = False
+        self.group = group
         self.signum: int | None = None
         self.previous: dict[int, object] = {}
         self.log = log or (lambda text: print(text, file=sys.stderr, flush=True))
@@ -81,7 +86,13 @@ class StopFlag:
         return self
 
     def _handle(self, signum, frame):
+        first = not self.requested
         self.requested, self.signum = True, signum
+        if self.group:
+            if first:
+                self.log(f"\n{self.NAMES.get(signum, 'signal')}: every process stops at the step "
+                         "they agree on, then saves a checkpoint and the model")
+            return
         # a second signal of the same kind stops at once
         signal.signal(signum, signal.default_int_handler if signum == signal.SIGINT
                       else signal.SIG_DFL)
@@ -221,32 +232,49 @@ def next_stop(i: int, steps: int, periods: tuple[int, ...]) -> int:
 def run_loop(state: RunState, opts: Options) -> str:
     """Train from state.step to tcfg.steps; return 'done' or 'interrupted'. Saves as it goes."""
     tcfg, spec, device = state.tcfg, state.spec, next(iter(state.params.values())).device
+    group = opts.group
     X, Y = (t.to(device) for t in state.data.splits["train"])
-    dropout = Dropout(tcfg.dropout, state.generator) if tcfg.dropout else None
-    stepper = make_step(opts.grad, spec, state.params, X, Y, tcfg.batch_size,
+    # in a group each rank draws its own dropout masks (``distributed.GroupStep``)
+    mask_rng = state.generator if group is None else torch.Generator(device=device)
+    dropout = Dropout(tcfg.dropout, mask_rng) if tcfg.dropout else None
+    local_batch = tcfg.batch_size if group is None else tcfg.batch_size // group.world
+    stepper = make_step(opts.grad, spec, state.params, X, Y, local_batch,
                         tcfg.optim(spec.no_decay), dropout, state.teacher)
     if state.optimizer_state:
         stepper.optimizer.load_state(state.optimizer_state)
     state.params = stepper.params
     state.model = model_params(stepper.optimizer)
     flat = stepper.optimizer.buffers.flat
-    runner = make_runner(stepper, state, X.shape[0], device)
-    if device.type == "cuda":
+    if group is None:
+        runner = make_runner(stepper, state, X.shape[0], device)
+    else:  # every rank draws the global batch; the step keeps its slice, eagerly (no CUDA graph)
+        stepper = group.wrap_step(stepper, Y, tcfg.batch_size, tcfg.seed if dropout else None,
+                                  state.step)
+        batches = PerStepBatches(state.generator, X.shape[0], tcfg.batch_size, device) \
+            if device.type != "cuda" else \
+            cuda_graph.ChunkedBatches(X.shape[0], tcfg.batch_size, tcfg.seed, device).indices
+        runner = EagerRunner(stepper, batches, tcfg.lr_at)
+    if device.type == "cuda" and group is None:
         opts.log(f"on {device}: {describe_runner(stepper)}")
     periods = (FLUSH_EVERY, opts.diag_every, opts.eval_every, opts.checkpoint_every)
     Xva, Yva = (t.to(device) for t in state.data.splits["val"])
     unsaved: list[dict] = []
+    writer = group is None or group.is_writer
     bar = tqdm(total=tcfg.steps, initial=state.step, unit="step", file=sys.stderr, mininterval=0.5,
-               disable=None if opts.progress else True, dynamic_ncols=True)
+               disable=None if opts.progress and writer else True, dynamic_ncols=True)
+    agreed_stop = False  # in a group: a stop that every rank has seen (at a flush)
     last_good = state.step if (state.workdir / rundir.CHECKPOINT).exists() else None
     t0, s0 = time.perf_counter(), state.step
     probe_size = max(2, min(X.shape[0], 1024))
     resumed = state.start_step > 0
 
     def flush() -> None:
+        nonlocal agreed_stop
         losses = runner.take_losses()
         if not losses:
             return
+        if group is not None:  # the ranks' shares of each loss summed; any rank's stop request
+            losses, agreed_stop = group.reduce_losses(losses, stop.requested)
         first = state.step - len(losses)
         for k, loss in enumerate(losses):
             if not math.isfinite(loss):
@@ -273,13 +301,16 @@ def run_loop(state: RunState, opts: Options) -> str:
         probe = spec.forward(state.params, X[:probe_size], Y[:probe_size]).loss.item()
         if not (math.isfinite(probe) and all(torch.isfinite(p).all() for p in state.params.values())):
             raise diverged(probe, state.step)
-        save_progress(state, unsaved, stepper.optimizer.state())
+        if writer:
+            save_progress(state, unsaved, stepper.optimizer.state())
         unsaved = []
         last_good = state.step
 
     try:
-        with StopFlag() as stop, torch.no_grad():  # no graph: the gradients are hand-written
-            while state.step < tcfg.steps and not stop.requested:
+        quiet = group is not None and not group.is_writer  # one rank speaks for the group
+        with StopFlag(log=(lambda text: None) if quiet else None, group=group is not None) as stop, \
+                torch.no_grad():  # no graph: hand-written
+            while state.step < tcfg.steps and not (agreed_stop if group else stop.requested):
                 i = state.step
                 limit = next_stop(i, tcfg.steps, periods)
                 before = None
@@ -288,7 +319,7 @@ def run_loop(state: RunState, opts: Options) -> str:
                     if k == i:
                         before = views(flat.clone(), state.params)
                     limit = min(limit, k if k > i else i + 1)
-                if i < opts.check_grads:
+                if i < opts.check_grads and group is None:
                     check_step(stepper, runner, state, X, Y, dropout, i)
                 else:
                     state.step = i + runner.advance(i, limit)
@@ -300,24 +331,31 @@ def run_loop(state: RunState, opts: Options) -> str:
                     state.metrics[-1]["ud"] = update_to_data(before, state.params)
                 if opts.eval_every and state.step % opts.eval_every == 0:
                     flush()
-                    val = progress_val_loss(spec, state.model, X, Xva, Yva)
+                    if group is None:
+                        val = progress_val_loss(spec, state.model, X, Xva, Yva)
+                    else:
+                        group.check_same_state(state.step, [flat, *stepper.optimizer.state().values()])
+                        val = group_val_loss(group, spec, state.model, X, Xva, Yva)
                     state.metrics[-1]["val_loss"] = val
                     rate = (state.step - s0) / (time.perf_counter() - t0)
-                    bar.write(f"step {state.step:>7}/{tcfg.steps}  loss {state.metrics[-1]['loss']:.4f}"
+                    if writer:
+                        bar.write(f"step {state.step:>7}/{tcfg.steps}  loss {state.metrics[-1]['loss']:.4f}"
                               f"  val {val:.4f}  lr {lr:g}  {rate:,.0f} steps/s")
                 if opts.checkpoint_every and state.step % opts.checkpoint_every == 0:
                     checkpoint()
             checkpoint()
-            return "interrupted" if stop.requested and state.step < tcfg.steps else "done"
+            stopped = agreed_stop if group else stop.requested
+            return "interrupted" if stopped and state.step < tcfg.steps else "done"
     finally:
         bar.close()
 
 
 def train(state: RunState, opts: Options) -> str:
     outcome = run_loop(state, opts)
-    train_loss, val_loss, calibrated = save_model(state)
-    write_loss_plot(state.workdir / rundir.LOSS_PLOT, state.metrics,
-                    f"{state.workdir.name}: {describe(state)}")
+    train_loss, val_loss, calibrated = save_model(state, opts.group)
+    if opts.group is None or opts.group.is_writer:
+        write_loss_plot(state.workdir / rundir.LOSS_PLOT, state.metrics,
+                        f"{state.workdir.name}: {describe(state)}")
     note = " (batchnorm calibrated on the whole training set)" if calibrated else ""
     opts.log(f"step {state.step}: train loss {train_loss:.4f}, val loss {val_loss:.4f}{note}")
     if outcome == "interrupted":
@@ -332,3 +370,9 @@ def progress_val_loss(spec: ModelSpec, params: Params, X: torch.Tensor, Xva: tor
         return evaluate(spec, params, Xva, Yva, calibrate(spec, params, X[:PROGRESS_CALIBRATION]))
 
 
+def group_val_loss(group, spec: ModelSpec, params: Params, X: torch.Tensor, Xva: torch.Tensor,
+                   Yva: torch.Tensor) -> float:
+    """``progress_val_loss`` over the group: calibration and evaluation sharded across ranks."""
+    with all_threads():
+        return group.evaluate(spec, params, Xva, Yva,
+                              group.calibrate(spec, params, X[:PROGRESS_CALIBRATION]))

@@ -185,13 +185,22 @@ def save_progress(state: RunState, unsaved: list[dict], optimizer_state: dict) -
     rundir.save_checkpoint(state.workdir, state.params, state.generator, state.step, optimizer_state)
 
 
-def save_model(state: RunState) -> tuple[float, float, int]:
+def save_model(state: RunState, group=None) -> tuple[float, float, int]:
     """Calibrate batchnorm on the whole training set; save the model (with --ema, the averaged
-    parameters); return the train and val losses and the number of batchnorm layers calibrated."""
+    parameters); return the train and val losses and the number of batchnorm layers calibrated.
+    In a group (``distributed.Group``) calibration and evaluation are sharded across the ranks
+    and rank 0 writes."""
     spec, device = state.spec, next(iter(state.params.values())).device
     params = state.model if state.model is not None else state.params
     Xtr, Ytr = (t.to(device) for t in state.data.splits["train"])
     Xva, Yva = (t.to(device) for t in state.data.splits["val"])
+    if group is not None:
+        with all_threads():
+            stats = group.calibrate(spec, params, Xtr)
+            if group.is_writer:
+                rundir.save_model(state.workdir, params, stats, state.step)
+            return (group.evaluate(spec, params, Xtr, Ytr, stats),
+                    group.evaluate(spec, params, Xva, Yva, stats), len(stats))
     with all_threads():
         stats = calibrate(spec, params, Xtr)
         rundir.save_model(state.workdir, params, stats, state.step)

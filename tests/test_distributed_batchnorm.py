@@ -1,0 +1,166 @@
+"""Batchnorm across processes, proven against autograd of one process on the concatenated batch.
+
+The ranks are threads here, their all-reduce a barrier that sums every rank's tensor in rank
+order: the same hand-written code as a gloo group runs (``over_group`` and the fused steps'
+``over_group`` take any in-place sum), without starting processes. float64, <= 1e-10.
+"""
+
+import threading
+
+import pytest
+import torch
+
+from backprop_ninja import models
+from backprop_ninja.checking.models import TINY, autograd_param_grads
+from backprop_ninja.nn.normalisation import batchnorm_backward, batchnorm_forward, over_group
+from backprop_ninja.training import fused_mlp, fused_wavenet
+
+TOL = 1e-10
+
+
+class ThreadGroup:
+    """N threads' all-reduce: each rank's tensor summed in rank order, written back to all."""
+
+    def __init__(self, world: int):
+        self.world, self.barrier, self.slots = world, threading.Barrier(world), [None] * world
+
+    def reduce_for(self, rank: int):
+        def reduce(t: torch.Tensor) -> None:
+            self.slots[rank] = t.clone()
+            self.barrier.wait()
+            total = self.slots[0].clone()
+            for s in self.slots[1:]:
+                total += s
+            self.barrier.wait()
+            t.copy_(total)
+        return reduce
+
+    def run(self, fn) -> list:
+        """fn(rank, reduce) in one thread per rank; their results in rank order."""
+        out, errors = [None] * self.world, []
+
+        def body(r):
+            try:
+                out[r] = fn(r, self.reduce_for(r))
+            except BaseException as e:  # noqa: BLE001 - re-raised in the test's thread
+                errors.append(e)
+                self.barrier.abort()
+
+        threads = [threading.Thread(target=body, args=(r,)) for r in range(self.world)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        if errors:
+            raise errors[0]
+        return out
+
+
+def close(a: torch.Tensor, b: torch.Tensor) -> None:
+    assert a.shape == b.shape, (a.shape, b.shape)
+    assert (a - b).abs().max().item() <= TOL, (a - b).abs().max().item()
+
+
+@pytest.mark.parametrize("shape", [(12, 5), (6, 4, 5)])
+@pytest.mark.parametrize("world", [2, 3])
+def test_group_batchnorm_layer_equals_autograd_on_the_whole_batch(shape, world):
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(shape, generator=g, dtype=torch.float64) * 3 + 5  # an offset mean: sums matter
+    gain = torch.randn((1,) * (len(shape) - 1) + (shape[-1],), generator=g, dtype=torch.float64)
+    bias = torch.randn_like(gain)
+    dout = torch.randn(shape, generator=g, dtype=torch.float64)  # random upstream gradient
+    leaves = [t.clone().requires_grad_(True) for t in (x, gain, bias)]
+    out_ref, _ = batchnorm_forward(*leaves)
+    (out_ref * dout).sum().backward()
+    xs, ds = x.chunk(world), dout.chunk(world)
+
+    def rank(r, reduce):
+        with over_group(reduce):
+            out, cache = batchnorm_forward(xs[r], gain, bias)
+        return out, batchnorm_backward(ds[r], cache)
+
+    results = ThreadGroup(world).run(rank)
+    close(torch.cat([o for o, _ in results]), out_ref.detach())
+    close(torch.cat([d[0] for _, d in results]), leaves[0].grad)
+    close(sum(d[1] for _, d in results), leaves[1].grad)   # the flat all-reduce sums these
+    close(sum(d[2] for _, d in results), leaves[2].grad)
+
+
+def test_over_group_off_is_the_single_process_layer_bit_for_bit():
+    x = torch.randn(8, 5, dtype=torch.float64)
+    gain, bias = torch.randn(1, 5, dtype=torch.float64), torch.randn(1, 5, dtype=torch.float64)
+    out1, cache1 = batchnorm_forward(x, gain, bias)
+    with over_group(None):
+        out2, cache2 = batchnorm_forward(x, gain, bias)
+    assert torch.equal(out1, out2) and cache2.reduce is None
+    assert all(torch.equal(a, b) for a, b in zip(batchnorm_backward(x, cache1), batchnorm_backward(x, cache2)))
+
+
+def setup(name: str, n: int):
+    spec = models.get(name)
+    overrides = {"mlp": {"n_embd": 3, "n_hidden": 6}, "wavenet": {"block_size": 4, "n_embd": 3, "n_hidden": 6}}[name]
+    cfg = spec.make_config(11, overrides)
+    params = {k: v.double() for k, v in spec.init(cfg, torch.Generator().manual_seed(1)).items()}
+    g = torch.Generator().manual_seed(2)
+    X = torch.randint(0, 11, (50, cfg.block_size), generator=g)
+    Y = torch.randint(0, 11, (50,), generator=g)
+    ix = torch.randint(0, 50, (n,), generator=g)
+    return spec, params, X, Y, ix
+
+
+@pytest.mark.parametrize("name", ["mlp", "wavenet"])
+@pytest.mark.parametrize("route", ["eager", "fast"])
+def test_ranks_gradients_after_the_all_reduce_equal_autograd_on_the_global_batch(name, route):
+    world, n = 2, 12
+    spec, params, X, Y, ix = setup(name, n)
+    reference = autograd_param_grads(spec, params, X[ix], Y[ix])
+    k = n // world
+    fused = {"mlp": fused_mlp.FastStep, "wavenet": fused_wavenet.FastStep}[name]
+
+    def rank(r, reduce):
+        local = ix[r * k:(r + 1) * k]
+        if route == "fast":
+            step = fused(spec, params, X, Y, k)
+            step.over_group(reduce, world)
+            step.forward_backward(local)
+            return {name: g.clone() for name, g in step.grads.items()}
+        with over_group(reduce):
+            return spec.backward(spec.forward(params, X[local], Y[local]).cache)
+
+    grads = ThreadGroup(world).run(rank)
+    for p in reference:  # the flat all-reduce: SUM, then / N
+        close(sum(g[p] for g in grads) / world, reference[p])
+
+
+@pytest.mark.parametrize("name", ["rnn", "transformer"])
+def test_padded_targets_weight_each_rank_by_its_count_of_real_targets(name):
+    """Sequence models: the slices hold different numbers of real (not padded) targets, so the
+    global gradient is sum_r c_r g_r / C, not the mean of the ranks' gradients."""
+    from types import SimpleNamespace
+
+    from backprop_ninja.data import Dataset, default_data_path
+    from backprop_ninja.nn.losses import IGNORE_INDEX
+    from backprop_ninja.training.distributed import GroupStep
+    from backprop_ninja.training.optim import OptimConfig
+    from backprop_ninja.training.steps import EagerStep
+
+    spec = models.get(name)
+    X, Y = Dataset.load(default_data_path(), block_size=None, layout="sequence").splits["train"]
+    cfg = spec.make_config(27, {**TINY[name], "block_size": X.shape[1]})
+    params = {k: v.double() for k, v in spec.init(cfg, torch.Generator().manual_seed(3)).items()}
+    world, n = 2, 8
+    ix = torch.arange(n) * 997 % X.shape[0]
+    counts = (Y[ix] != IGNORE_INDEX).view(world, -1).sum(1)
+    assert counts[0] != counts[1]  # the case that matters
+    reference = autograd_param_grads(spec, params, X[ix], Y[ix])
+
+    def rank(r, reduce):
+        group = SimpleNamespace(rank=r, world=world, all_reduce=reduce, reduce_seconds=0.0)
+        inner = EagerStep(spec, params, X, Y, n // world, OptimConfig())
+        step = GroupStep(inner, group, Y, n, None, 0)
+        step.step(ix, 0.0)  # lr 0: the gradients, the parameters left as they were
+        return dict(step.grads)
+
+    for grads in ThreadGroup(world).run(rank):  # every rank holds the global gradient
+        for p in reference:
+            close(grads[p], reference[p])
