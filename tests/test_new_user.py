@@ -3,7 +3,6 @@ beside a running train, and the advice they gave."""
 
 import json
 import os
-import sys
 from pathlib import Path
 
 import pytest

@@ -7,7 +7,6 @@ tests run as root, as on the project's machines): root reads and writes everythi
 import io
 import os
 import shutil
-import stat
 import sys
 import tempfile
 import traceback

@@ -166,6 +166,8 @@ def train_locked(args: argparse.Namespace, workdir: Path, group=None) -> int:
 def join_run(state, group) -> int:
     """A rank's part of the run: the global batch shared out, the world size in the config, the
     same code, data and config on every rank; returns the rank's slice of the batch."""
+    from ..training import distributed
+
     batch = state.tcfg.batch_size
     distributed.check_nproc(group.world, batch)
     before = state.config.get("processes", 1)

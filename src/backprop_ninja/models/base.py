@@ -20,7 +20,7 @@ Dimension letters: n batch, T positions (block_size), V vocab size.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, fields
 from typing import Any, Callable, NamedTuple
 
 import torch

@@ -27,7 +27,6 @@ the same buffers, so both give the same bits: that is what makes a run resumed m
 
 from __future__ import annotations
 
-import math
 from typing import Callable, Sequence
 
 import torch
