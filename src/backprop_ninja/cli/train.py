@@ -78,7 +78,8 @@ def train_locked(args: argparse.Namespace, workdir: Path) -> int:
           f"{step_threads} thread(s); writing to {workdir}")
     opts = loop.Options(grad=args.grad, eval_every=args.eval_every,
                         checkpoint_every=args.checkpoint_every, diag_every=args.diag_every,
-                        check_grads=args.check_grads, progress=not args.no_progress)
+                        check_grads=args.check_grads, progress=not args.no_progress,
+                        exact_train_loss=args.exact_train_loss)
     outcome = loop.train(state, opts)
     if outcome == "interrupted":
         return 130
@@ -89,19 +90,29 @@ def train_locked(args: argparse.Namespace, workdir: Path) -> int:
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
+    from ..models import memory
     from ..models.base import evaluate
+    from ..training.run import format_train, train_loss
 
     device = resolve_device(args.device)
     run = rundir.load_run(args.out_dir, device)
-    result = {}
-    for split in ("train", "val", "test"):
-        X, Y = (t.to(device) for t in run.data.splits[split])
-        result[split] = evaluate(run.spec, run.params, X, Y, run.stats)
+    fits = memory.checker(run.spec, lambda V, T: run.cfg, source="config")
+    data = rundir.load_data(run.config, compact=True, check_memory=fits)
+    progress = False if args.no_progress else None
+    X, Y = (t.to(device) for t in data.splits["train"])
+    train = train_loss(run.spec, run.params, X, Y, run.stats, args.exact_train_loss, progress)
+    # "train": the exact figure; "train_estimate": a sample's, when the training split is large
+    result = {"train": train.loss} if train.exact else {"train_estimate": train.as_dict()}
+    for split in ("val", "test"):
+        X, Y = (t.to(device) for t in data.splits[split])
+        result[split] = evaluate(run.spec, run.params, X, Y, run.stats, progress=progress,
+                                 desc=split)
     if args.json:
         print(json.dumps(result))
     else:
-        for split, loss in result.items():
-            print(f"{split:5s} loss {loss:.4f}")
+        print(f"train {format_train(train).removeprefix('train ')}")
+        for split in ("val", "test"):
+            print(f"{split:5s} loss {result[split]:.4f}")
     return 0
 
 
@@ -146,6 +157,13 @@ def cmd_bench(args: argparse.Namespace) -> int:
     if args.json:
         print(bench.rows_to_json(rows))
     return 0
+
+
+def add_exact_train_flag(p) -> None:
+    p.add_argument("--exact-train-loss", action="store_true",
+                   help="the final train loss over every training row; by default a training "
+                        "split of more than 262,144 targets is estimated on a seeded sample of "
+                        "about that many (val and test are always exact)")
 
 
 def register(sub) -> None:
@@ -220,12 +238,17 @@ def register(sub) -> None:
                    help="default: cuda when available, else cpu")
     p.add_argument("--num-samples", type=int, default=10, help="samples to print after training (0: none)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    add_exact_train_flag(p)
     p.set_defaults(func=cmd_train)
 
     p = sub.add_parser("eval", help="train/val/test loss of a trained run")
     p.add_argument("-o", "--out-dir", "--work-dir", dest="out_dir", default=DEFAULT_WORKDIR,
                    help="the run's work directory")
-    p.add_argument("--json", action="store_true", help='print {"train": .., "val": .., "test": ..}')
+    p.add_argument("--json", action="store_true",
+                   help='print {"train": .., "val": .., "test": ..}; a train loss estimated on a '
+                        'sample is "train_estimate": {"loss", "stderr", "items", "of"} instead')
+    add_exact_train_flag(p)
+    p.add_argument("--no-progress", action="store_true", help="no progress bars")
     p.add_argument("--device", choices=("cpu", "cuda"), default=None)
     p.set_defaults(func=cmd_eval)
 

@@ -28,7 +28,7 @@ from ..models.base import Dropout, ModelSpec, Params, calibrate, evaluate
 from ..plots.loss import write_loss_plot
 from . import cuda_graph
 from .optim import model_params, views
-from .run import RunState, describe, save_model, save_progress
+from .run import RunState, describe, format_train, save_model, save_progress
 from .steps import make_step
 from .threads import all_threads
 
@@ -51,6 +51,7 @@ class Options:
     diag_every: int = 1000
     check_grads: int = 0
     progress: bool = True
+    exact_train_loss: bool = False  # the final train loss over every row, not a sample's
     log: Callable[[str], None] = field(default=print)
 
 
@@ -301,11 +302,12 @@ def run_loop(state: RunState, opts: Options) -> str:
 
 def train(state: RunState, opts: Options) -> str:
     outcome = run_loop(state, opts)
-    train_loss, val_loss, calibrated = save_model(state)
+    train, val_loss, calibrated = save_model(state, opts.exact_train_loss,
+                                             None if opts.progress else False)
     write_loss_plot(state.workdir / rundir.LOSS_PLOT, state.metrics,
                     f"{state.workdir.name}: {describe(state)}")
     note = " (batchnorm calibrated on the whole training set)" if calibrated else ""
-    opts.log(f"step {state.step}: train loss {train_loss:.4f}, val loss {val_loss:.4f}{note}")
+    opts.log(f"step {state.step}: {format_train(train)}, val loss {val_loss:.4f}{note}")
     if outcome == "interrupted":
         opts.log(f"interrupted at step {state.step} of {state.tcfg.steps}; a checkpoint is saved: "
                  f"continue with `backprop-ninja train -o {state.workdir} --resume`")
