@@ -304,7 +304,7 @@ def row_losses(spec: ModelSpec, params: Params, X: Tensor, Y: Tensor, stats: Sta
 
 @torch.no_grad()
 def estimate(spec: ModelSpec, params: Params, X: Tensor, Y: Tensor, stats: Stats, *,
-             targets: int = TRAIN_SAMPLE_TARGETS, seed: int = TRAIN_SAMPLE_SEED,
+             targets: int | None = None, seed: int = TRAIN_SAMPLE_SEED,
              progress: bool | None = None, desc: str | None = None) -> Estimate:
     """The loss over (X, Y), estimated on a seeded sample of rows (without replacement) that
     holds about ``targets`` targets; exact (``evaluate``) when the split holds no more than
@@ -313,6 +313,7 @@ def estimate(spec: ModelSpec, params: Params, X: Tensor, Y: Tensor, stats: Stats
     whole (an item of a sequence model, its positions together), since positions of one item
     are not independent."""
     N = X.shape[0]
+    targets = targets or TRAIN_SAMPLE_TARGETS
     counts = (Y != IGNORE_INDEX).reshape(N, -1).sum(1)
     total = int(counts.sum())
     if total <= targets:

@@ -47,9 +47,24 @@ def param_count(spec: ModelSpec, cfg) -> int:
         return sum(p.numel() for p in spec.init(cfg, torch.Generator()).values())
 
 
+MEASURED_T = 512  # above this many positions, the bytes are extrapolated
+
+
 def forward_bytes(spec: ModelSpec, cfg, rows: int, T: int) -> int:
     """Bytes of one training forward's tensors (caches, logits) over ``rows`` rows of T
-    positions, measured on the meta device; the loss's probabilities counted as the logits'."""
+    positions, measured on the meta device; the loss's probabilities counted as the logits'.
+    A long sequence is measured at 256 and 512 positions and extrapolated as b T + c T^2
+    (attention grows with the square of the block)."""
+    if spec.layout == "sequence" and T > MEASURED_T:
+        f1, f2 = (measured_bytes(spec, cfg, rows, t) for t in (MEASURED_T // 2, MEASURED_T))
+        t1, t2 = MEASURED_T // 2, MEASURED_T
+        c = max(0.0, (f2 / t2 - f1 / t1) / (t2 - t1))
+        b = max(0.0, f1 / t1 - c * t1)
+        return int(b * T + c * T * T)
+    return measured_bytes(spec, cfg, rows, T)
+
+
+def measured_bytes(spec: ModelSpec, cfg, rows: int, T: int) -> int:
     with torch.device("meta"):
         params = spec.init(cfg, torch.Generator())
         X = torch.zeros(rows, T, dtype=torch.long)
