@@ -162,3 +162,28 @@ def test_per_batch_teacher_predictions_are_the_tables_rows():
     soft = teacher.batch(ix)
     assert soft.weight == 0.5 and soft.probs.shape == (4, *table.shape[1:])
     torch.testing.assert_close(soft.probs, table[ix])
+
+
+def test_sequence_chunks_cover_every_row_once_within_the_memory_of_full_chunks():
+    from backprop_ninja.models.base import _spans
+    spec, _, X, Y = problem("transformer", n=1000)
+    T = X.shape[1]
+    for chunk in (1, 7, 64, 5000):
+        spans = _spans(spec, X, Y, chunk)
+        rows = torch.cat([r for r, _ in spans])
+        assert sorted(rows.tolist()) == list(range(1000))
+        for r, t in spans:
+            valid = (Y[r] != IGNORE_INDEX)
+            assert not valid[:, t:].any()  # the columns left out hold no target
+            assert len(r) * t <= max(chunk * T, 2 * t) or len(r) <= chunk + 1
+
+
+def test_bench_data_reports_each_model_on_a_file(tmp_path, capsys):
+    path = tmp_path / "words.txt"
+    path.write_text("\n".join(f"w{i % 17}x{i % 5}" for i in range(300)) + "\n")
+    assert main(["bench", "--data", str(path), "--types", "bigram", "--steps", "2", "--json"]) == 0
+    result = json.loads(capsys.readouterr().out)
+    (row,) = result["runs"]
+    assert row["model"] == "bigram" and row["items"] == 300 and row["steps"] == 2
+    for key in ("load_s", "steps_per_s", "final_eval_s", "test_s", "end_to_end_s", "peak_mb"):
+        assert row[key] > 0

@@ -149,6 +149,8 @@ def cmd_bench(args: argparse.Namespace) -> int:
 
     if args.repeats < 1:
         raise UserError(f"--repeats must be at least 1, got {args.repeats}")
+    if args.data is not None:
+        return cmd_scale(args)
     spec = models.get(args.type)
     device = resolve_device(args.device)
     sizes = spec.bench_sizes[:1] if args.quick else None
@@ -164,6 +166,23 @@ def add_exact_train_flag(p) -> None:
                    help="the final train loss over every training row; by default a training "
                         "split of more than 262,144 targets is estimated on a seeded sample of "
                         "about that many (val and test are always exact)")
+
+
+def cmd_scale(args: argparse.Namespace) -> int:
+    from ..data import load_items
+    from ..training import scale
+
+    load_items(args.data)  # a bad file fails here, in one line
+    types = args.types or list(models.MODELS)
+    for name in types:
+        models.get(name)
+    if args.steps < 1:
+        raise UserError(f"--steps must be at least 1, got {args.steps}")
+    result = scale.scale(args.data, types, args.steps, args.exact_train_loss, args.compare,
+                         log=(lambda s: None) if args.json else print)
+    if args.json:
+        print(scale.to_json(result))
+    return 0
 
 
 def register(sub) -> None:
@@ -272,6 +291,17 @@ def register(sub) -> None:
     p.add_argument("--no-memory", action="store_true", help="skip the peak-memory measurements")
     p.add_argument("--compile", action="store_true",
                    help="also time torch.compile of the eager step (reports its compile time)")
+    p.add_argument("--data", default=None, metavar="FILE",
+                   help="instead: what FILE costs each model at its recipe, each in a fresh "
+                        "process: load time, steps/s, final-evaluation and test time, end-to-end "
+                        "time and peak memory")
+    p.add_argument("--types", nargs="+", default=None, metavar="NAME",
+                   help="with --data: the model types (default: all)")
+    p.add_argument("--steps", type=int, default=20, help="with --data: training steps (default 20)")
+    p.add_argument("--compare", action="store_true",
+                   help="with --data: also the val split's evaluation before and after the "
+                        "cache-free, memory-sized evaluation (seconds per million targets, peak memory)")
+    add_exact_train_flag(p)
     p.add_argument("--device", choices=("cpu", "cuda"), default=None,
                    help="default: cuda when available, else cpu. On cuda, fast is the fused step "
                         "as a CUDA graph, and compiled-ro (torch.compile with "

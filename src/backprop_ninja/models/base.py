@@ -122,8 +122,9 @@ def as_index(t: Tensor | None) -> Tensor | None:
 
 
 # The working memory one evaluation or calibration chunk may take: its rows are sized to it
-# from the model's own activations (``row_bytes``), not fixed.
-CHUNK_BYTES = 256 << 20
+# from the model's own activations (``row_bytes``, an upper bound: the forward with its caches),
+# not fixed.
+CHUNK_BYTES = 512 << 20
 # Above this many targets in the training split the train loss is estimated by default, on a
 # seeded sample of rows holding about this many targets (names.txt, 182,625 / 208,251 targets
 # in the context / sequence layout, stays exact).
@@ -185,6 +186,8 @@ def calibrate(spec: ModelSpec, params: Params, X: Tensor, chunk: int | None = No
     whole set never sits in memory; the forward keeps no backward caches.
     """
     stats: Stats = {}
+    if X.shape[0] >= 2 and not spec.forward(params, X[:2], keep_cache=False).norm_inputs:
+        return stats  # no batchnorm layer: nothing to calibrate
     chunk = chunk or chunk_rows(spec, params, X[:4], None)
     spans = chunks(X.shape[0], chunk)
     layer = 0
@@ -223,19 +226,45 @@ def _lengths(spec: ModelSpec, Y: Tensor) -> Tensor | None:
     return (valid * pos).amax(1)
 
 
-def _spans(spec: ModelSpec, X: Tensor, Y: Tensor, stats: Stats, chunk: int | None):
-    """(rows, columns) per chunk: sequence rows sorted by length (shortest first), each chunk
-    trimmed to its longest row; other layouts in order, every column."""
+def _spans(spec: ModelSpec, X: Tensor, Y: Tensor, chunk: int):
+    """(rows, columns) per chunk. Context layouts: ``chunk`` rows at a time, in order, every
+    column. Sequence layouts: rows sorted by length (shortest first), each chunk trimmed to its
+    longest row and holding as many rows as ``chunk`` full-length rows' memory allows at that
+    length (activations grow at least linearly with the positions): short items go many to a
+    chunk."""
     N = X.shape[0]
     lengths = _lengths(spec, Y)
     if lengths is None:
-        return None, [(slice(a, b), X.shape[1]) for a, b in chunks(N, chunk)]
-    order = torch.sort(lengths, stable=True).indices
-    spans = []
-    for a, b in chunks(N, chunk):
-        rows = order[a:b]
-        spans.append((rows, max(1, int(lengths[rows].max()))))
-    return order, spans
+        return [(slice(a, b), X.shape[1]) for a, b in chunks(N, chunk)]
+    T = X.shape[1]
+    ordered, order = torch.sort(lengths, stable=True)
+    ordered = ordered.clamp(min=1).tolist()
+    spans, a = [], 0
+    while a < N:
+        b = min(N, a + chunk)
+        while True:  # grow while the chunk's longest row leaves room
+            longest_row = ordered[b - 1]
+            fit = max(chunk, chunk * T // longest_row)
+            grown = min(N, a + fit)
+            if grown <= b:
+                break
+            b2 = grown
+            if ordered[b2 - 1] * (b2 - a) > chunk * T:  # too far: the longer rows need room
+                lo, hi = b, b2  # the last b with ordered[b-1] * (b - a) <= chunk * T
+                while lo < hi:
+                    mid = (lo + hi + 1) // 2
+                    if ordered[mid - 1] * (mid - a) <= chunk * T:
+                        lo = mid
+                    else:
+                        hi = mid - 1
+                b = lo
+                break
+            b = b2
+        if N - b == 1:
+            b = N  # never a 1-row tail
+        spans.append((order[a:b], ordered[b - 1]))
+        a = b
+    return spans
 
 
 @torch.no_grad()
@@ -251,7 +280,7 @@ def evaluate(spec: ModelSpec, params: Params, X: Tensor, Y: Tensor, stats: Stats
     counts = (Y != IGNORE_INDEX).reshape(Y.shape[0], -1).sum(1)   # targets that count, per row
     total = torch.zeros((), dtype=torch.float64, device=X.device)
     chunk = chunk or chunk_rows(spec, params, X[:4], stats)
-    _, spans = _spans(spec, X, Y, stats, chunk)
+    spans = _spans(spec, X, Y, chunk)
     with _bar(X.shape[0], desc, progress) as bar:
         for rows, T in spans:
             xb, yb = X[rows], Y[rows]
@@ -287,7 +316,7 @@ def row_losses(spec: ModelSpec, params: Params, X: Tensor, Y: Tensor, stats: Sta
     counts = (Y != IGNORE_INDEX).reshape(Y.shape[0], -1).sum(1)
     sums = torch.zeros(X.shape[0], dtype=torch.float64, device=X.device)
     chunk = chunk or chunk_rows(spec, params, X[:4], stats)
-    _, spans = _spans(spec, X, Y, stats, chunk)
+    spans = _spans(spec, X, Y, chunk)
     with _bar(X.shape[0], desc, progress) as bar:
         for rows, T in spans:
             xb, yb = X[rows], as_index(Y[rows])

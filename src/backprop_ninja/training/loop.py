@@ -257,7 +257,7 @@ def run_loop(state: RunState, opts: Options) -> str:
         flush()
         if resumed and state.step == state.start_step:
             return  # nothing new: the checkpoint on disk is this very state
-        probe = spec.forward(state.params, X[:probe_size], Y[:probe_size]).loss.item()
+        probe = spec.forward(state.params, X[:probe_size], Y[:probe_size], keep_cache=False).loss.item()
         if not (math.isfinite(probe) and all(torch.isfinite(p).all() for p in state.params.values())):
             raise diverged(probe, state.step)
         save_progress(state, unsaved, stepper.optimizer.state())

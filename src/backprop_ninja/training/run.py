@@ -205,6 +205,11 @@ def save_model(state: RunState, exact_train: bool = False, progress: bool | None
         stats = calibrate(spec, params, Xtr, progress=progress)
         rundir.save_model(state.workdir, params, stats, state.step)
         train = train_loss(spec, params, Xtr, Ytr, stats, exact_train, progress)
+        last = state.metrics[-1] if state.metrics else {}
+        if not stats and last.get("step") == state.step - 1 and "val_loss" in last:
+            # without batchnorm the loop's val loss at this step is this very figure (the same
+            # parameters, no statistics, the same chunks): not computed twice
+            return train, last["val_loss"], 0
         return (train, evaluate(spec, params, Xva, Yva, stats, progress=progress, desc="val"),
                 len(stats))
 
