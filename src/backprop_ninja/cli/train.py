@@ -94,6 +94,10 @@ def cmd_eval(args: argparse.Namespace) -> int:
     from ..models.base import evaluate
     from ..training.run import format_train, train_loss
 
+    if args.num_threads is not None and args.num_threads < 1:
+        raise UserError(f"--num-threads must be at least 1, got {args.num_threads}")
+    threads.set_budget(args.num_threads)
+    torch.set_num_threads(threads.budget())
     device = resolve_device(args.device)
     run = rundir.load_run(args.out_dir, device)
     fits = memory.checker(run.spec, lambda V, T: run.cfg, source="config")
@@ -268,6 +272,9 @@ def register(sub) -> None:
                         'sample is "train_estimate": {"loss", "stderr", "items", "of"} instead')
     add_exact_train_flag(p)
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
+    p.add_argument("--num-threads", type=int, default=None,
+                   help="CPU threads (default: all cores; on a machine shared with other jobs "
+                        "one thread can be faster)")
     p.add_argument("--device", choices=("cpu", "cuda"), default=None)
     p.set_defaults(func=cmd_eval)
 
