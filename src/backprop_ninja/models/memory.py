@@ -17,7 +17,7 @@ from pathlib import Path
 import torch
 
 from ..errors import UserError
-from .base import CHUNK_BYTES, ModelSpec, _tensor_bytes
+from .base import CHUNK_BYTES, ModelSpec
 
 GiB = 1 << 30
 
