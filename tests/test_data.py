@@ -68,3 +68,28 @@ def test_crlf_and_bom(tmp_path):
     f = tmp_path / "w.txt"
     f.write_bytes("\ufeffanna\r\nbob\r\n".encode("utf-8"))
     assert read_items(f) == ["anna", "bob"]
+
+
+def test_compact_examples_are_the_same_indices_in_a_smaller_type(tmp_path):
+    path = tmp_path / "items.txt"
+    path.write_text("\n".join(f"item{i}x" for i in range(40)) + "\n")
+    for layout, block, types in (("context", 3, (torch.uint8, torch.uint8)),
+                                 ("sequence", None, (torch.uint8, torch.int8))):
+        wide = Dataset.load(path, block_size=block, layout=layout)
+        small = Dataset.load(path, block_size=block, layout=layout, compact=True)
+        for (Xw, Yw), (Xs, Ys) in zip(wide.splits.values(), small.splits.values()):
+            assert (Xs.dtype, Ys.dtype) == types and Xw.dtype == torch.long
+            assert torch.equal(Xs.long(), Xw) and torch.equal(Ys.long(), Yw)
+
+
+def test_index_dtype_holds_the_vocabulary_and_the_padding():
+    from backprop_ninja.data import index_dtype
+    assert index_dtype(256) == torch.uint8 and index_dtype(257) == torch.int16
+    assert index_dtype(128, signed=True) == torch.int8 and index_dtype(129, signed=True) == torch.int16
+    assert index_dtype(40_000) == torch.int32
+
+
+def test_sequences_of_unknown_characters_are_refused():
+    from backprop_ninja.data import build_sequences
+    with pytest.raises(UserError, match="'z' is not in the vocabulary"):
+        build_sequences(["abz"], Vocab.from_items(["ab"]), 5)

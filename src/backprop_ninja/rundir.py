@@ -35,6 +35,7 @@ from safetensors.torch import load_file, save_file
 from . import models
 from .data import Dataset, Vocab, default_data_path
 from .errors import UserError
+from .models import memory
 from .models.base import ModelSpec, Params, Stats
 from .nn.normalisation import BatchNormStats
 
@@ -239,7 +240,8 @@ def input_path(config: dict) -> Path:
     return default_data_path() if recorded is None else Path(recorded)
 
 
-def load_data(config: dict, path: Path | None = None, takes_input: bool = False) -> Dataset:
+def load_data(config: dict, path: Path | None = None, takes_input: bool = False,
+              compact: bool = False, check_memory=None) -> Dataset:
     """Reload the run's data (from ``path`` if given, else the recorded file) and check that it
     is the file the model was trained on: same bytes (when the run recorded their hash; an
     edit with the same alphabet would silently change the split) and same vocabulary.
@@ -260,7 +262,7 @@ def load_data(config: dict, path: Path | None = None, takes_input: bool = False)
                         "the run needs the text file it was trained on")
     spec, cfg = model_from_config(config)
     data = Dataset.load(path, block_size=spec.block_size(cfg), seed=config["data"]["split_seed"],
-                        layout=spec.layout)
+                        layout=spec.layout, compact=compact, check_memory=check_memory)
     recorded = config["data"].get("sha256")
     if recorded is not None and recorded != data.sha256 and given and \
             path.resolve() != recorded_path.resolve():
@@ -352,6 +354,7 @@ def load_run(workdir: str | Path, device: str | torch.device = "cpu",
     workdir = Path(workdir)
     config = read_config(workdir)
     spec, cfg = model_from_config(config)
+    memory.check_model(spec, cfg)  # before the parameters are allocated
     if checkpoint and not (workdir / MODEL).exists() and (workdir / CHECKPOINT).exists():
         return load_checkpoint_as_model(workdir, config, spec, cfg, device)
     tensors = load_tensors(workdir / MODEL, no_model_advice(workdir))

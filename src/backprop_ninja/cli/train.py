@@ -153,7 +153,7 @@ def train_locked(args: argparse.Namespace, workdir: Path, group=None) -> int:
     opts = loop.Options(grad=args.grad, eval_every=args.eval_every,
                         checkpoint_every=args.checkpoint_every, diag_every=args.diag_every,
                         check_grads=args.check_grads, progress=not args.no_progress, log=log,
-                        group=group)
+                        group=group, exact_train_loss=args.exact_train_loss)
     outcome = loop.train(state, opts)
     if outcome == "interrupted":
         return 130
@@ -204,22 +204,39 @@ def check_seed(seed: int | None, flag: str) -> None:
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
-    from .. import rundir
-    from ..models.base import evaluate
+    import torch
 
+    from .. import rundir
+    from ..models import memory
+    from ..training import threads
+    from ..models.base import evaluate
+    from ..training.run import format_train, train_loss
+
+    if args.num_threads is not None and args.num_threads < 1:
+        raise UserError(f"--num-threads must be at least 1, got {args.num_threads}")
+    threads.set_budget(args.num_threads)
+    torch.set_num_threads(threads.budget())
     device = resolve_device(args.device)
     run = rundir.load_run(args.out_dir, device, checkpoint=True)
     if run.note:
         print(run.note, file=sys.stderr)
-    result = {}
-    for split in ("train", "val", "test"):
-        X, Y = (t.to(device) for t in run.data.splits[split])
-        result[split] = evaluate(run.spec, run.params, X, Y, run.stats)
+    fits = memory.checker(run.spec, lambda V, T: run.cfg, source="config")
+    data = rundir.load_data(run.config, compact=True, check_memory=fits)
+    progress = False if args.no_progress else None
+    X, Y = (t.to(device) for t in data.splits["train"])
+    train = train_loss(run.spec, run.params, X, Y, run.stats, args.exact_train_loss, progress)
+    # "train": the exact figure; "train_estimate": a sample's, when the training split is large
+    result = {"train": train.loss} if train.exact else {"train_estimate": train.as_dict()}
+    for split in ("val", "test"):
+        X, Y = (t.to(device) for t in data.splits[split])
+        result[split] = evaluate(run.spec, run.params, X, Y, run.stats, progress=progress,
+                                 desc=split)
     if args.json:
         print(json.dumps(result))
     else:
-        for split, loss in result.items():
-            print(f"{split:5s} loss {loss:.4f}")
+        print(f"train {format_train(train).removeprefix('train ')}")
+        for split in ("val", "test"):
+            print(f"{split:5s} loss {result[split]:.4f}")
     return 0
 
 
@@ -264,6 +281,8 @@ def cmd_bench(args: argparse.Namespace) -> int:
 
     if args.repeats < 1:
         raise UserError(f"--repeats must be at least 1, got {args.repeats}")
+    if args.data is not None:
+        return cmd_scale(args)
     spec = models.get(args.type)
     device = resolve_device(args.device)
     sizes = bench.SIZES[spec.name][:1] if args.quick else None
@@ -271,6 +290,31 @@ def cmd_bench(args: argparse.Namespace) -> int:
                    compile=args.compile, log=(lambda s: None) if args.json else print)
     if args.json:
         print(bench.rows_to_json(rows))
+    return 0
+
+
+def add_exact_train_flag(p) -> None:
+    p.add_argument("--exact-train-loss", action="store_true",
+                   help="the final train loss over every training row; by default a training "
+                        "split of more than 262,144 targets is estimated on a seeded sample of "
+                        "about that many (val and test are always exact)")
+
+
+def cmd_scale(args: argparse.Namespace) -> int:
+    from .. import models
+    from ..data import load_items
+    from ..training import scale
+
+    load_items(args.data)  # a bad file fails here, in one line
+    types = args.types or list(models.MODELS)
+    for name in types:
+        models.get(name)
+    if args.steps < 1:
+        raise UserError(f"--steps must be at least 1, got {args.steps}")
+    result = scale.scale(args.data, types, args.steps, args.exact_train_loss, args.compare,
+                         log=(lambda s: None) if args.json else print)
+    if args.json:
+        print(scale.to_json(result))
     return 0
 
 
@@ -368,6 +412,7 @@ def register(sub) -> None:
                    help="with --nproc: the port on 127.0.0.1 the ranks meet on (default: a free one)")
     p.add_argument("--backend", choices=("gloo", "nccl"), default=None,
                    help="with several processes: gloo (default on the CPU) or nccl (default on CUDA)")
+    add_exact_train_flag(p)
     p.set_defaults(func=cmd_train)
 
     p = sub.add_parser("scaling", help="data-parallel scaling: steps/s and examples/s of 1 process "
@@ -380,7 +425,14 @@ def register(sub) -> None:
 
     p = sub.add_parser("eval", help="train/val/test loss of a trained run")
     add_workdir_flag(p, f"the run's work directory (default: {DEFAULT_WORKDIR})")
-    p.add_argument("--json", action="store_true", help='print {"train": .., "val": .., "test": ..}')
+    p.add_argument("--json", action="store_true",
+                   help='print {"train": .., "val": .., "test": ..}; a train loss estimated on a '
+                        'sample is "train_estimate": {"loss", "stderr", "items", "of"} instead')
+    add_exact_train_flag(p)
+    p.add_argument("--no-progress", action="store_true", help="no progress bars")
+    p.add_argument("--num-threads", type=int, default=None,
+                   help="CPU threads (default: all cores; on a machine shared with other jobs "
+                        "one thread can be faster)")
     p.add_argument("--device", choices=("cpu", "cuda"), default=None,
                    help="where to evaluate (default: cuda when available, else cpu)")
     p.set_defaults(func=cmd_eval)
@@ -405,6 +457,17 @@ def register(sub) -> None:
     p.add_argument("--no-memory", action="store_true", help="skip the peak-memory measurements")
     p.add_argument("--compile", action="store_true",
                    help="also time torch.compile of the eager step (reports its compile time)")
+    p.add_argument("--data", default=None, metavar="FILE",
+                   help="instead: what FILE costs each model at its recipe, each in a fresh "
+                        "process: load time, steps/s, final-evaluation and test time, end-to-end "
+                        "time and peak memory")
+    p.add_argument("--types", nargs="+", default=None, metavar="NAME",
+                   help="with --data: the model types (default: all)")
+    p.add_argument("--steps", type=int, default=20, help="with --data: training steps (default 20)")
+    p.add_argument("--compare", action="store_true",
+                   help="with --data: also the val split's evaluation before and after the "
+                        "cache-free, memory-sized evaluation (seconds per million targets, peak memory)")
+    add_exact_train_flag(p)
     p.add_argument("--device", choices=("cpu", "cuda"), default=None,
                    help="default: cuda when available, else cpu. On cuda, fast is the fused step "
                         "as a CUDA graph, and compiled-ro (torch.compile with "

@@ -20,7 +20,7 @@ from torch import Tensor
 
 from ..nn.embedding import EmbeddingCache, embedding_backward, embedding_forward
 from ..nn.losses import CrossEntropyCache, cross_entropy_backward, cross_entropy_forward
-from .base import Dropout, Forward, ModelSpec, Params, Stats
+from .base import Dropout, Forward, ModelSpec, Params, Stats, as_index
 
 
 @dataclass(frozen=True)
@@ -39,10 +39,11 @@ class Cache(NamedTuple):
 
 
 def forward(params: Params, X: Tensor, Y: Tensor | None = None, stats: Stats | None = None,
-            dropout: Dropout | None = None) -> Forward:
+            dropout: Dropout | None = None, keep_cache: bool = True) -> Forward:
+    X, Y = as_index(X), as_index(Y)  # the data may be stored in a smaller integer type
     logits, lookup_c = embedding_forward(params["W"], X[:, -1])  # n x V
     loss, ce_c = cross_entropy_forward(logits, Y) if Y is not None else (None, None)
-    return Forward(logits, loss, Cache(lookup_c, ce_c), {}, {})
+    return Forward(logits, loss, Cache(lookup_c, ce_c) if keep_cache else None, {}, {})
 
 
 def backward(cache: Cache, act_grads: dict[str, Tensor] | None = None) -> Params:

@@ -24,7 +24,7 @@ from ..nn.embedding import TokenPositionCache, token_position_backward, token_po
 from ..nn.linear import LinearCache, linear_backward, linear_forward
 from ..nn.losses import (IGNORE_INDEX, CrossEntropyCache, SoftTargets, cross_entropy_backward,
                          cross_entropy_forward)
-from .base import Dropout, Forward, ModelSpec, Params, Stats
+from .base import Dropout, Forward, ModelSpec, Params, Stats, as_index
 from .rnn import ADAMW_RECIPE, Config, check_config, uniform
 
 
@@ -47,7 +47,9 @@ class Cache(NamedTuple):
 
 
 def forward(params: Params, X: Tensor, Y: Tensor | None = None, stats: Stats | None = None,
-            dropout: Dropout | None = None, soft: SoftTargets | None = None) -> Forward:
+            dropout: Dropout | None = None, soft: SoftTargets | None = None,
+            keep_cache: bool = True) -> Forward:
+    X, Y = as_index(X), as_index(Y)  # the data may be stored in a smaller integer type
     x, emb_c = token_position_forward(params["wte"], params["wpe"], X)   # n x T x C
     avg, avg_c = causal_average_forward(x)
     x = x + avg
@@ -57,7 +59,7 @@ def forward(params: Params, X: Tensor, Y: Tensor | None = None, stats: Stats | N
     x = x + mlp
     logits, head_c = linear_forward(x, params["Wout"], params["bout"])
     loss, ce_c = cross_entropy_forward(logits, Y, IGNORE_INDEX, soft) if Y is not None else (None, None)
-    cache = Cache(emb_c, avg_c, fc_c, tanh_c, proj_c, head_c, ce_c)
+    cache = Cache(emb_c, avg_c, fc_c, tanh_c, proj_c, head_c, ce_c) if keep_cache else None
     return Forward(logits, loss, cache, {}, {"h": h})
 
 

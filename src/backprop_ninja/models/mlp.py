@@ -24,7 +24,7 @@ from ..nn.embedding import EmbeddingCache, embedding_backward, embedding_forward
 from ..nn.linear import LinearCache, linear_backward, linear_forward
 from ..nn.losses import CrossEntropyCache, cross_entropy_backward, cross_entropy_forward
 from ..nn.normalisation import BatchNormCache, batchnorm_backward, batchnorm_forward
-from .base import Dropout, Forward, ModelSpec, Params, Stats, require_positive
+from .base import Dropout, Forward, ModelSpec, Params, Stats, as_index, require_positive
 
 PARAM_NAMES = ("C", "W1", "b1", "W2", "b2", "bngain", "bnbias")
 LECTURE_SEED = 2147483647
@@ -82,8 +82,9 @@ class Cache(NamedTuple):
 
 
 def forward(params: Params, X: Tensor, Y: Tensor | None = None, stats: Stats | None = None,
-            dropout: Dropout | None = None) -> Forward:
+            dropout: Dropout | None = None, keep_cache: bool = True) -> Forward:
     """Logits (and the loss if Y is given); ``stats`` as in ``models.base``."""
+    X, Y = as_index(X), as_index(Y)  # the data may be stored in a smaller integer type
     emb, emb_c = embedding_forward(params["C"], X)
     embcat = emb.view(emb.shape[0], -1)
     hprebn, lin1_c = linear_forward(embcat, params["W1"], params["b1"])
@@ -92,7 +93,7 @@ def forward(params: Params, X: Tensor, Y: Tensor | None = None, stats: Stats | N
     h, tanh_c = tanh_forward(hpreact)
     logits, lin2_c = linear_forward(h, params["W2"], params["b2"])
     loss, ce_c = cross_entropy_forward(logits, Y) if Y is not None else (None, None)
-    cache = Cache(emb_c, lin1_c, bn_c, tanh_c, lin2_c, ce_c, emb.shape)
+    cache = Cache(emb_c, lin1_c, bn_c, tanh_c, lin2_c, ce_c, emb.shape) if keep_cache else None
     return Forward(logits, loss, cache, {"bn": hprebn}, {"hprebn": hprebn, "hpreact": hpreact, "h": h})
 
 

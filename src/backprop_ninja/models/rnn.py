@@ -24,7 +24,7 @@ from ..nn.linear import LinearCache, linear_backward, linear_forward
 from ..nn.losses import (IGNORE_INDEX, CrossEntropyCache, SoftTargets, cross_entropy_backward,
                          cross_entropy_forward)
 from ..nn.recurrent import gru_backward, gru_forward, rnn_backward, rnn_forward
-from .base import Dropout, Forward, ModelSpec, Params, Stats, require_positive
+from .base import Dropout, Forward, ModelSpec, Params, Stats, as_index, require_positive
 
 ADAMW_RECIPE = {"steps": 20_000, "batch_size": 32, "lr": 5e-4, "lr_decay_step": 20_000,
                 "lr_decay_to": 5e-5, "seed": 3407, "optimizer": "adamw", "weight_decay": 0.01,
@@ -85,14 +85,17 @@ class Cache(NamedTuple):
 
 def make_forward(cell: Cell):
     def forward(params: Params, X: Tensor, Y: Tensor | None = None, stats: Stats | None = None,
-                dropout: Dropout | None = None, soft: SoftTargets | None = None) -> Forward:
+                dropout: Dropout | None = None, soft: SoftTargets | None = None,
+                keep_cache: bool = True) -> Forward:
+        X, Y = as_index(X), as_index(Y)  # the data may be stored in a smaller integer type
         emb, emb_c = embedding_forward(params["wte"], X)                 # n x T x C
         weights = [t for w in cell.weights for t in (params[w], params["b" + w[1:]])]
         hs, cell_c = cell.forward(emb, params["start"], *weights)       # n x T x H
         logits, head_c = linear_forward(hs, params["Wout"], params["bout"])
         loss, ce_c = (cross_entropy_forward(logits, Y, IGNORE_INDEX, soft) if Y is not None
                       else (None, None))
-        return Forward(logits, loss, Cache(emb_c, cell_c, head_c, ce_c), {}, {"hs": hs})
+        cache = Cache(emb_c, cell_c, head_c, ce_c) if keep_cache else None
+        return Forward(logits, loss, cache, {}, {"hs": hs})
     return forward
 
 

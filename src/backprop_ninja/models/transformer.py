@@ -28,7 +28,7 @@ from ..nn.losses import (IGNORE_INDEX, CrossEntropyCache, SoftTargets, cross_ent
                          cross_entropy_forward)
 from ..nn.normalisation import LayerNormCache, layernorm_backward, layernorm_forward
 from ..nn.transformer import BlockCache, block_backward, block_forward
-from .base import Dropout, Forward, ModelSpec, Params, Stats, require_positive
+from .base import Dropout, Forward, ModelSpec, Params, Stats, as_index, require_positive
 from .rnn import ADAMW_RECIPE, uniform
 
 # makemore's AdamW (betas 0.9/0.99, eps 1e-8), with what a practitioner adds against its
@@ -97,7 +97,9 @@ class Cache(NamedTuple):
 
 
 def forward(params: Params, X: Tensor, Y: Tensor | None = None, stats: Stats | None = None,
-            dropout: Dropout | None = None, soft: SoftTargets | None = None) -> Forward:
+            dropout: Dropout | None = None, soft: SoftTargets | None = None,
+            keep_cache: bool = True) -> Forward:
+    X, Y = as_index(X), as_index(Y)  # the data may be stored in a smaller integer type
     qkv_bias_shape = params["h0.b_qkv"].shape
     x, emb_c = token_position_forward(params["wte"], params["wpe"], X)       # n x T x C
     blocks = []
@@ -105,11 +107,12 @@ def forward(params: Params, X: Tensor, Y: Tensor | None = None, stats: Stats | N
         weights = [params[f"h{layer}.{k}"].reshape(-1) if k == "b_qkv" else params[f"h{layer}.{k}"]
                    for k in BLOCK_PARAMS]
         x, block_c = block_forward(x, *weights, qkv_bias_shape[1], *(dropout or (0.0, None)))
-        blocks.append(block_c)
+        if keep_cache:  # without it, each block's cache is freed as the next one runs
+            blocks.append(block_c)
     x, lnf_c = layernorm_forward(x, params["lnf_w"], params["lnf_b"])
     logits, head_c = linear_forward(x, params["lm_head"])                     # n x T x V
     loss, ce_c = cross_entropy_forward(logits, Y, IGNORE_INDEX, soft) if Y is not None else (None, None)
-    cache = Cache(emb_c, tuple(blocks), lnf_c, head_c, ce_c, qkv_bias_shape)
+    cache = Cache(emb_c, tuple(blocks), lnf_c, head_c, ce_c, qkv_bias_shape) if keep_cache else None
     return Forward(logits, loss, cache, {}, {})
 
 

@@ -30,7 +30,7 @@ from ..nn.linear import LinearCache, linear_backward, linear_forward
 from ..nn.losses import CrossEntropyCache, cross_entropy_backward, cross_entropy_forward
 from ..nn.normalisation import BatchNormCache, batchnorm_backward, batchnorm_forward
 from ..nn.reshape import FlattenCache, flatten_consecutive_backward, flatten_consecutive_forward
-from .base import Dropout, Forward, ModelSpec, Params, Stats, require_positive
+from .base import Dropout, Forward, ModelSpec, Params, Stats, as_index, require_positive
 
 MERGE = 2  # positions merged per level
 MAX_LEVELS = 6
@@ -93,7 +93,8 @@ class Cache(NamedTuple):
 
 
 def forward(params: Params, X: Tensor, Y: Tensor | None = None, stats: Stats | None = None,
-            dropout: Dropout | None = None) -> Forward:
+            dropout: Dropout | None = None, keep_cache: bool = True) -> Forward:
+    X, Y = as_index(X), as_index(Y)  # the data may be stored in a smaller integer type
     stats = stats or {}
     x, emb_c = embedding_forward(params["C"], X)               # n x T x E
     levels, norm_inputs, acts = [], {}, {}
@@ -105,11 +106,13 @@ def forward(params: Params, X: Tensor, Y: Tensor | None = None, stats: Stats | N
         x, bn_c = batchnorm_forward(pre, params[gain], params[bias], stats.get(f"bn{k}"))
         x, tanh_c = tanh_forward(x)
         acts[f"h{k}"] = x
-        levels.append(Level(flat_c, lin_c, bn_c, tanh_c))
+        if keep_cache:  # without it, each level's cache is freed as the next one runs
+            levels.append(Level(flat_c, lin_c, bn_c, tanh_c))
     h = x.view(x.shape[0], -1)                                 # n x H: the levels end here
     logits, head_c = linear_forward(h, params["Wout"], params["bout"])
     loss, ce_c = cross_entropy_forward(logits, Y) if Y is not None else (None, None)
-    return Forward(logits, loss, Cache(emb_c, tuple(levels), head_c, ce_c, x.shape),
+    cache = Cache(emb_c, tuple(levels), head_c, ce_c, x.shape) if keep_cache else None
+    return Forward(logits, loss, cache,
                    norm_inputs, acts)
 
 

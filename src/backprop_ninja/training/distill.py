@@ -12,7 +12,8 @@ and its loss the cross-entropy -sum_v q_v log p_v, whose gradient with respect t
 character came; the teacher adds how likely the others were, which one item alone cannot say.
 
 The teachers' predictions are computed once, in chunks with every core, and kept for the whole
-training set (N x T x V floats: 44 MB for the names). A run records each teacher's directory and
+training set (N x T x V floats: 44 MB for the names); when that table would take more than
+``MAX_BYTES`` they are computed per batch instead, a forward per teacher per step. A run records each teacher's directory and
 the SHA-256 of its model file; a resume recomputes the predictions from the same files, so it
 stays bit-exact, and refuses a teacher that has changed.
 """
@@ -32,7 +33,8 @@ from .. import rundir
 from .threads import all_threads
 
 DEFAULT_WEIGHT = 0.5  # --distill when --teacher is given alone
-MAX_BYTES = 2 << 30   # the teachers' predictions over the training set, at most
+MAX_BYTES = 2 << 30   # the teachers' prediction table over the training set, at most
+TABLE_CHUNK = 4096
 
 
 class Teacher(NamedTuple):
@@ -44,6 +46,29 @@ class Teacher(NamedTuple):
 
     def batch(self, ix: Tensor) -> SoftTargets:
         return SoftTargets(self.probs[ix], self.weight)
+
+
+class BatchTeacher(NamedTuple):
+    """The same targets, computed per batch (each teacher's cache-free forward on the batch's
+    rows) when the N x T x V table would take more than ``MAX_BYTES``: a forward per teacher
+    per step instead of the memory."""
+
+    runs: list     # the teachers' loaded runs (``rundir.Run``)
+    X: Tensor      # N x T, the training examples
+    weight: float
+
+    def batch(self, ix: Tensor) -> SoftTargets:
+        with torch.no_grad():
+            return SoftTargets(mean_prediction(self.runs, self.X[ix]), self.weight)
+
+
+def mean_prediction(runs: list, X: Tensor) -> Tensor:
+    total = None
+    for run in runs:
+        logits = run.spec.forward(run.params, X, stats=run.stats, keep_cache=False).logits
+        p = torch.softmax(logits.float(), dim=-1)
+        total = p if total is None else total.add_(p)
+    return total.div_(len(runs))
 
 
 def model_sha256(workdir: Path, missing: str | None = None) -> str:
@@ -84,13 +109,17 @@ def relocate(recorded: list[dict[str, str]], given: list[str]) -> list[dict[str,
     return out
 
 
-def load(teachers: list[dict[str, str]], weight: float, data: dict, X: Tensor) -> Teacher:
+def load(teachers: list[dict[str, str]], weight: float, data: dict, X: Tensor,
+         max_bytes: int | None = None, progress: bool | None = None) -> Teacher | BatchTeacher:
     """The teachers' mean predictions on the training examples ``X`` (N x T, on the run's
-    device). ``data`` is the student's config "data" section: a teacher must have been trained
-    on the same file with the same split, or its predictions would carry the validation and
-    test items into training."""
+    device): a table computed once, or per batch when the table would take more than
+    ``max_bytes`` (default ``MAX_BYTES``). ``data`` is the student's config "data" section: a
+    teacher must have been trained on the same file with the same split, or its predictions
+    would carry the validation and test items into training."""
+    from ..models.base import _bar, chunk_rows, chunks
+
     N, T = X.shape
-    total: Tensor | None = None
+    runs = []
     for record in teachers:
         path = Path(record["workdir"])
         moved = (f"the teacher {path} is gone ({rundir.MODEL} is missing); if it moved, resume "
@@ -108,15 +137,21 @@ def load(teachers: list[dict[str, str]], weight: float, data: dict, X: Tensor) -
             raise UserError(f"the teacher {path} is a {run.spec.name} that does not predict every "
                             f"position of a {T}-character block; use a sequence model (rnn, gru, "
                             "bow, transformer) trained on the same file as the teacher")
-        V = run.cfg.vocab_size
-        if N * T * V * 4 > MAX_BYTES:
-            raise UserError(f"the teachers' predictions would take {N * T * V * 4 / 2**30:.1f} GiB "
-                            f"({N:,} items x {T} positions x {V} symbols); train without --teacher")
-        if total is None:
-            total = torch.zeros(N, T, V, dtype=torch.float32, device=X.device)
-        with torch.no_grad(), all_threads():
-            for start in range(0, N, 4096):
-                logits = run.spec.forward(run.params, X[start:start + 4096], stats=run.stats).logits
-                total[start:start + 4096] += torch.softmax(logits.float(), dim=-1)
-    assert total is not None
+        runs.append(run)
+    V = runs[0].cfg.vocab_size
+    if N * T * V * 4 > (max_bytes or MAX_BYTES):
+        return BatchTeacher(runs, X, weight)
+    total = torch.zeros(N, T, V, dtype=torch.float32, device=X.device)
+    with torch.no_grad(), all_threads():
+        for run in runs:
+            # 4096 rows a chunk, as the published distilled runs were made, unless that takes
+            # more than 8 evaluation chunks' memory; then as many as fit one
+            rows = chunk_rows(run.spec, run.params, X[:4], run.stats)
+            rows = TABLE_CHUNK if TABLE_CHUNK <= 8 * rows else rows
+            with _bar(N, f"teacher {run.workdir.name}", progress) as bar:
+                for start, stop in chunks(N, rows):
+                    logits = run.spec.forward(run.params, X[start:stop], stats=run.stats,
+                                              keep_cache=False).logits
+                    total[start:stop] += torch.softmax(logits.float(), dim=-1)
+                    bar.update(stop - start)
     return Teacher(total.div_(len(teachers)), weight)

@@ -42,6 +42,9 @@ class FusedStep:
         self.dtype, self.device = params["C"].dtype, params["C"].device
         self.xb, self.yb = self.new(n, T, dtype=torch.long), self.new(n, dtype=torch.long)
         self.xb_flat, self.yb_col = self.xb.view(-1), self.yb.view(n, 1)
+        # data stored in a smaller integer type is gathered in it, then widened per batch
+        self.xs = None if X.dtype == torch.long else self.new(n, T, dtype=X.dtype)
+        self.ys = None if Y.dtype == torch.long else self.new(n, dtype=Y.dtype)
         self.emb, self.demb = self.new(n * T, E), self.new(n * T, E)
         self.embedding_grad = EmbeddingGrad(self.xb_flat, self.demb, self.grads["C"], deterministic)
         self.logits, self.logprobs, self.picked = self.new(n, V), self.new(n, V), self.new(n, 1)
@@ -66,8 +69,11 @@ class FusedStep:
 
     def embed(self, ix: Tensor) -> None:
         """The batch's rows of X and Y, and its embeddings: emb = C[xb], n*T x E."""
-        torch.index_select(self.X, 0, ix, out=self.xb)
-        torch.index_select(self.Y, 0, ix, out=self.yb)
+        for data, small, wide in ((self.X, self.xs, self.xb), (self.Y, self.ys, self.yb)):
+            if small is None:
+                torch.index_select(data, 0, ix, out=wide)
+            else:
+                wide.copy_(torch.index_select(data, 0, ix, out=small))
         torch.index_select(self.params["C"], 0, self.xb_flat, out=self.emb)
 
     def cross_entropy(self, loss_out: Tensor | None) -> tuple[Tensor, Tensor]:

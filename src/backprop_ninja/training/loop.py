@@ -28,7 +28,7 @@ from ..models.base import Dropout, ModelSpec, Params, calibrate, evaluate
 from ..plots.loss import write_loss_plot
 from . import cuda_graph
 from .optim import model_params, views
-from .run import RunState, describe, save_model, save_progress
+from .run import RunState, describe, format_train, save_model, save_progress
 from .steps import make_step
 from .threads import all_threads
 
@@ -51,10 +51,10 @@ class Options:
     diag_every: int = 1000
     check_grads: int = 0
     progress: bool = True
+    exact_train_loss: bool = False  # the final train loss over every row, not a sample's
     log: Callable[[str], None] = field(default=print)
     # one rank of a data-parallel group (``distributed.Group``); None: a single process
     group: object | None = None
-
 
 
 class Diverged(UserError):
@@ -298,7 +298,7 @@ def run_loop(state: RunState, opts: Options) -> str:
         flush()
         if resumed and state.step == state.start_step:
             return  # nothing new: the checkpoint on disk is this very state
-        probe = spec.forward(state.params, X[:probe_size], Y[:probe_size]).loss.item()
+        probe = spec.forward(state.params, X[:probe_size], Y[:probe_size], keep_cache=False).loss.item()
         if not (math.isfinite(probe) and all(torch.isfinite(p).all() for p in state.params.values())):
             raise diverged(probe, state.step)
         if writer:
@@ -352,12 +352,13 @@ def run_loop(state: RunState, opts: Options) -> str:
 
 def train(state: RunState, opts: Options) -> str:
     outcome = run_loop(state, opts)
-    train_loss, val_loss, calibrated = save_model(state, opts.group)
+    train, val_loss, calibrated = save_model(state, opts.group, opts.exact_train_loss,
+                                             None if opts.progress else False)
     if opts.group is None or opts.group.is_writer:
         write_loss_plot(state.workdir / rundir.LOSS_PLOT, state.metrics,
                         f"{state.workdir.name}: {describe(state)}")
     note = " (batchnorm calibrated on the whole training set)" if calibrated else ""
-    opts.log(f"step {state.step}: train loss {train_loss:.4f}, val loss {val_loss:.4f}{note}")
+    opts.log(f"step {state.step}: {format_train(train)}, val loss {val_loss:.4f}{note}")
     if outcome == "interrupted":
         opts.log(f"interrupted at step {state.step} of {state.tcfg.steps}; a checkpoint is saved: "
                  f"continue with `backprop-ninja train -o {state.workdir} --resume`")

@@ -17,7 +17,8 @@ from .. import models
 from .. import rundir
 from ..data import Dataset, default_data_path
 from ..errors import UserError
-from ..models.base import ModelSpec, Params, calibrate, evaluate
+from ..models import memory
+from ..models.base import Estimate, ModelSpec, Params, calibrate, estimate, evaluate
 from . import distill
 from .config import TrainConfig, check_same, resumed_config
 from .optim import FlatParams, make_optimizer
@@ -64,8 +65,10 @@ def start_run(workdir: Path, input_path: str | None, spec: ModelSpec, cfg_flags:
     teachers = distill.records(check_teachers(spec, tcfg, teachers or []))
     path = Path(input_path).resolve() if input_path else None
     block_size = spec.block_size(spec.make_config(1, cfg_flags))
+    fits = memory.checker(spec, lambda V, T: spec.config_for_data(cfg_flags, V, T),
+                          tcfg.batch_size, tcfg.optimizer, tcfg.ema, tcfg.sam)
     data = Dataset.load(path or default_data_path(), block_size=block_size, seed=split_seed,
-                        layout=spec.layout)
+                        layout=spec.layout, compact=True, check_memory=fits)
     cfg = spec.config_for_data(cfg_flags, data.vocab.size, data.block_size)
     # As in the lecture, the generator that initialised the model goes on to draw the batches.
     # On a GPU the batches need a generator there: a CUDA one with the same seed.
@@ -125,7 +128,10 @@ def resume_run(workdir: Path, input_path: str | None, model_type: str | None, cf
             and path != rundir.input_path(config).resolve():  # a run from before the hash was kept
         raise UserError(f"-i {input_path} is not the file this run was trained on "
                         f"({rundir.input_path(config)}); drop -i to resume, or train into a new -o WORKDIR")
-    data = rundir.load_data(config, path, takes_input=True)  # a moved file is fine if its bytes match
+    fits = memory.checker(spec, lambda V, T: cfg, tcfg.batch_size, tcfg.optimizer, tcfg.ema,
+                          tcfg.sam, source="config")
+    # a moved file is fine if its bytes match
+    data = rundir.load_data(config, path, takes_input=True, compact=True, check_memory=fits)
     if path is not None:
         config["data"]["input"] = str(path)
     tensors = rundir.load_tensors(workdir / rundir.CHECKPOINT, "start the run without --resume")
@@ -185,11 +191,14 @@ def save_progress(state: RunState, unsaved: list[dict], optimizer_state: dict) -
     rundir.save_checkpoint(state.workdir, state.params, state.generator, state.step, optimizer_state)
 
 
-def save_model(state: RunState, group=None) -> tuple[float, float, int]:
+def save_model(state: RunState, group=None, exact_train: bool = False,
+               progress: bool | None = None) -> tuple[Estimate, float, int]:
     """Calibrate batchnorm on the whole training set; save the model (with --ema, the averaged
-    parameters); return the train and val losses and the number of batchnorm layers calibrated.
-    In a group (``distributed.Group``) calibration and evaluation are sharded across the ranks
-    and rank 0 writes."""
+    parameters); return the train loss (exact with ``exact_train``, else estimated on a bounded
+    sample when the training split is large: ``models.base.estimate``), the val loss (exact)
+    and the number of batchnorm layers calibrated. In a group (``distributed.Group``)
+    calibration and evaluation are sharded across the ranks, the train loss is exact, and rank
+    0 writes."""
     spec, device = state.spec, next(iter(state.params.values())).device
     params = state.model if state.model is not None else state.params
     Xtr, Ytr = (t.to(device) for t in state.data.splits["train"])
@@ -199,13 +208,37 @@ def save_model(state: RunState, group=None) -> tuple[float, float, int]:
             stats = group.calibrate(spec, params, Xtr)
             if group.is_writer:
                 rundir.save_model(state.workdir, params, stats, state.step)
-            return (group.evaluate(spec, params, Xtr, Ytr, stats),
-                    group.evaluate(spec, params, Xva, Yva, stats), len(stats))
+            n = Xtr.shape[0]
+            train = Estimate(group.evaluate(spec, params, Xtr, Ytr, stats), 0.0, n, n, True)
+            return train, group.evaluate(spec, params, Xva, Yva, stats), len(stats)
     with all_threads():
-        stats = calibrate(spec, params, Xtr)
+        stats = calibrate(spec, params, Xtr, progress=progress)
         rundir.save_model(state.workdir, params, stats, state.step)
-        return (evaluate(spec, params, Xtr, Ytr, stats),
-                evaluate(spec, params, Xva, Yva, stats), len(stats))
+        train = train_loss(spec, params, Xtr, Ytr, stats, exact_train, progress)
+        last = state.metrics[-1] if state.metrics else {}
+        if not stats and last.get("step") == state.step - 1 and "val_loss" in last:
+            # without batchnorm the loop's val loss at this step is this very figure (the same
+            # parameters, no statistics, the same chunks): not computed twice
+            return train, last["val_loss"], 0
+        return (train, evaluate(spec, params, Xva, Yva, stats, progress=progress, desc="val"),
+                len(stats))
+
+
+def train_loss(spec: ModelSpec, params: Params, X, Y, stats, exact: bool = False,
+               progress: bool | None = None) -> Estimate:
+    if exact:
+        return Estimate(evaluate(spec, params, X, Y, stats, progress=progress, desc="train"),
+                        0.0, X.shape[0], X.shape[0], True)
+    return estimate(spec, params, X, Y, stats, progress=progress, desc="train")
+
+
+def format_train(train: Estimate) -> str:
+    """'train loss 2.0711', or 'train loss ~1.8123 +- 0.0021 (estimate on 20,133 of 284,808
+    rows; --exact-train-loss for the exact figure)'."""
+    if train.exact:
+        return f"train loss {train.loss:.4f}"
+    return (f"train loss ~{train.loss:.4f} +- {train.stderr:.4f} (estimated on a sample of "
+            f"{train.items:,} of {train.of:,} rows; --exact-train-loss for the exact figure)")
 
 
 def describe(state: RunState) -> str:
