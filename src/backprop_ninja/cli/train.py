@@ -74,13 +74,13 @@ def cmd_train(args: argparse.Namespace) -> int:
 def global_batch(args: argparse.Namespace, workdir: Path) -> int:
     """The batch a run will take (the flag, the resumed run's, or the recipe's), to check
     --nproc against before starting any process."""
-    from .. import rundir
+    from .. import models, rundir
 
     if args.batch_size is not None:
         return args.batch_size
     if args.resume and (workdir / rundir.CONFIG).exists():
         return int(rundir.read_config(workdir)["train"]["batch_size"])
-    return int(catalog.RECIPES[args.type or catalog.DEFAULT]["batch_size"])
+    return int(models.get(args.type or catalog.DEFAULT).recipe["batch_size"])
 
 
 def train_rank(args: argparse.Namespace) -> int:

@@ -70,7 +70,7 @@ def run_one(name: str, path: str, steps: int, exact_train: bool) -> dict:
                                 log=lambda s: None))
         steps_s = time.perf_counter() - t1
         t2 = time.perf_counter()
-        train, val, _ = save_model(state, exact_train, progress=False)
+        train, val, _ = save_model(state, exact_train=exact_train, progress=False)
         final_s = time.perf_counter() - t2
         params = state.model if state.model is not None else state.params
         from .. import rundir
