@@ -4,8 +4,11 @@ and folders the command may not read or write. Each is one line that says what t
 The permission cases run the command in a forked child that drops to the user nobody (when the
 tests run as root, as on the project's machines): root reads and writes everything."""
 
+import importlib
 import io
+import multiprocessing
 import os
+import pkgutil
 import shutil
 import sys
 import tempfile
@@ -32,30 +35,42 @@ def test_a_seed_beyond_64_bits_is_one_line(tmp_path, capsys):
 
 
 def as_other_user(argv: list[str]) -> tuple[int, str]:
-    """main(argv) in a forked child as a user that is not root; its exit code and stderr."""
-    read, write = os.pipe()
-    pid = os.fork()
-    if pid == 0:  # the child: never returns into pytest
-        code = 99
-        try:
-            os.close(read)
-            sys.stdout = io.StringIO()
-            sys.stderr = io.TextIOWrapper(os.fdopen(write, "wb"), write_through=True)
-            if os.geteuid() == 0:
-                os.setgroups([])
-                os.setgid(NOBODY)
-                os.setuid(NOBODY)
-            code = main(argv)
-        except BaseException:
-            traceback.print_exc()
-        finally:
-            sys.stderr.flush()
-            os._exit(code if isinstance(code, int) else 98)
-    os.close(write)
-    with os.fdopen(read, "rb") as f:
-        err = f.read().decode()
-    _, status = os.waitpid(pid, 0)
-    return os.waitstatus_to_exitcode(status), err.strip()
+    """main(argv) in a child as a user that is not root; its exit code and stderr.
+
+    The child is forked from a fresh single-threaded server (multiprocessing's forkserver), not
+    from this process: a fork of a process whose OpenMP threads have run (any earlier test's)
+    can deadlock in the child. It imports the whole package while still root (the interpreter's
+    own files may be root's alone), then drops to nobody and runs the command."""
+    context = multiprocessing.get_context("forkserver")
+    receive, send = context.Pipe(duplex=False)
+    child = context.Process(target=run_as_nobody, args=(argv, send))
+    child.start()
+    send.close()
+    code, err = receive.recv() if receive.poll(300) else (97, "no answer from the child")
+    child.join(30)
+    return code, err.strip()
+
+
+def run_as_nobody(argv: list[str], send) -> None:
+    import backprop_ninja
+
+    for module in pkgutil.walk_packages(backprop_ninja.__path__, "backprop_ninja."):
+        if not module.name.endswith("__main__") and ".templates" not in module.name:
+            importlib.import_module(module.name)
+    import torch._dynamo  # noqa: F401  (the meta device's memory estimate imports it lazily)
+    from backprop_ninja.cli import main as command
+
+    err, code = io.StringIO(), 99
+    sys.stdout, sys.stderr = io.StringIO(), err
+    try:
+        if os.geteuid() == 0:
+            os.setgroups([])
+            os.setgid(NOBODY)
+            os.setuid(NOBODY)
+        code = command(argv)
+    except BaseException:
+        traceback.print_exc()
+    send.send((code if isinstance(code, int) else 98, err.getvalue()))
 
 
 def assert_one_line(rc: int, err: str, *needles: str) -> None:
