@@ -43,7 +43,7 @@ def as_other_user(argv: list[str]) -> tuple[int, str]:
     own files may be root's alone), then drops to nobody and runs the command."""
     context = multiprocessing.get_context("forkserver")
     receive, send = context.Pipe(duplex=False)
-    child = context.Process(target=run_as_nobody, args=(argv, send))
+    child = context.Process(target=run_as_nobody, args=(argv, sorted(sys.modules), send))
     child.start()
     send.close()
     code, err = receive.recv() if receive.poll(300) else (97, "no answer from the child")
@@ -51,12 +51,20 @@ def as_other_user(argv: list[str]) -> tuple[int, str]:
     return code, err.strip()
 
 
-def run_as_nobody(argv: list[str], send) -> None:
+def run_as_nobody(argv: list[str], modules: list[str], send) -> None:
     import backprop_ninja
 
+    # what this test process has imported (the stdlib's codecs, torch's lazy parts), and the
+    # whole package: after the drop, files under root's home cannot be read to import more
+    for name in modules:
+        try:
+            importlib.import_module(name)
+        except BaseException:  # a module that only imports in its own context (e.g. __main__)
+            pass
     for module in pkgutil.walk_packages(backprop_ninja.__path__, "backprop_ninja."):
         if not module.name.endswith("__main__") and ".templates" not in module.name:
             importlib.import_module(module.name)
+    import encodings.utf_32_le  # noqa: F401  (data's fast encoder looks it up by name)
     import torch._dynamo  # noqa: F401  (the meta device's memory estimate imports it lazily)
     from backprop_ninja.cli import main as command
 
