@@ -340,7 +340,12 @@ def _worker(rank: int, world: int, target, args, errors) -> None:
     except KeyboardInterrupt:
         code = 130
     sys.stdout.flush()
-    sys.exit(code or 0)
+    sys.stderr.flush()
+    errors.close()
+    # every file is written and the group is closed: leave without the interpreter's teardown,
+    # in which a collective library's leftover thread can abort the process ("terminate called
+    # without an active exception") after a run that went well
+    os._exit(code or 0)
 
 
 def launch(args, target, nproc: int, port: int | None, timeout: float) -> int:
