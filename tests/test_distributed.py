@@ -219,3 +219,29 @@ def test_ranks_whose_data_differ_stop_with_one_line(capsys):
 
     with pytest.raises(UserError, match=r"rank\(s\) 1 start from other code, data or config than rank 0"):
         distributed.launch({"timeout": 20.0}, rank_with_its_own_data, 2, None, 20.0)
+
+
+def test_a_rank_killed_by_a_signal_is_named_even_when_all_end_together(monkeypatch):
+    """The launcher names the rank a signal killed, not another rank's report of the broken
+    group, also when both ended between two of its looks (the polling loop never saw the
+    killed rank running-then-dead)."""
+    from types import SimpleNamespace
+
+    from backprop_ninja.errors import UserError
+    from backprop_ninja.training import distributed
+
+    class Receive:
+        def __init__(self, message):
+            self.message = message
+
+        def poll(self):
+            return self.message is not None
+
+        def recv(self):
+            return self.message
+
+    procs = [SimpleNamespace(exitcode=2, pid=None, join=lambda t: None, kill=lambda: None),
+             SimpleNamespace(exitcode=-9, pid=None, join=lambda t: None, kill=lambda: None)]
+    errors = [Receive((0, True, "rank 0: the group broke off")), Receive(None)]
+    with pytest.raises(UserError, match="rank 1 of 2 was killed by SIGKILL"):
+        distributed.wait(procs, 10.0, None, errors)

@@ -421,6 +421,8 @@ def wait(procs, timeout: float, store, errors) -> int:
             signal.signal(s, h)
         del store
     codes = [p.exitcode for p in procs]
+    if first_death is None:  # ranks that ended between two looks: a signal's death is the cause
+        first_death = next(((r, -c) for r, c in enumerate(codes) if c is not None and c < 0), None)
     if first_death is not None:
         r, sig = first_death
         raise UserError(f"rank {r} of {len(procs)} was killed by {signal.Signals(sig).name}; the "
