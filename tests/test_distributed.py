@@ -54,10 +54,11 @@ def rel_diff(a: torch.Tensor, b: torch.Tensor, mask: torch.Tensor) -> float:
 
 
 @pytest.mark.parametrize("name, extra", [(name, []) for name in models.MODELS]
-                         + [("mlp", ["--sam", "0.05"])])
+                         + [("mlp", ["--sam", "0.05"]), ("transformer", ["--dropout", "0.2"])])
 def test_two_processes_follow_the_single_process_trajectory(tmp_path, name, extra):
-    """Every model, and SAM (its first pass summed before its norm is taken); an evaluation
-    halfway, sharded, with the ranks' parameters and optimiser state compared bit for bit."""
+    """Every model, SAM (its first pass summed before its norm is taken), and dropout (each rank
+    its rows of the global batch's masks); an evaluation halfway, sharded, with the ranks'
+    parameters and optimiser state compared bit for bit."""
     spec = models.get(name)
     common = ["--type", name, "--steps", "300", "--batch-size", "32", "--eval-every", "150",
               "--checkpoint-every", "0", *tiny_flags(spec), *extra, *QUIET]
@@ -245,3 +246,29 @@ def test_a_rank_killed_by_a_signal_is_named_even_when_all_end_together(monkeypat
     errors = [Receive((0, True, "rank 0: the group broke off")), Receive(None)]
     with pytest.raises(UserError, match="rank 1 of 2 was killed by SIGKILL"):
         distributed.wait(procs, 10.0, None, errors)
+
+
+GLOO_LOOP_CHILD = """
+import os, sys
+import torch.distributed as dist
+from backprop_ninja.training.distributed import GLOO_LOOP, yield_gloo_loop
+dist.init_process_group("gloo", init_method="file://" + sys.argv[1], rank=0, world_size=1)
+changed = yield_gloo_loop()
+idle = [t for t in os.listdir("/proc/self/task")
+        if open(f"/proc/self/task/{t}/comm").read().strip() == GLOO_LOOP
+        and os.sched_getscheduler(int(t)) == os.SCHED_IDLE]
+print(changed, len(idle))
+dist.destroy_process_group()
+"""
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="Linux's per-thread scheduler")
+def test_the_gloo_event_loop_thread_yields_to_every_other_thread(tmp_path):
+    """The collectives' latency fix (``yield_gloo_loop``): gloo's loop thread is found by its
+    name and put under SCHED_IDLE. If a torch release renamed the thread, this says so."""
+    store = tmp_path / "store"  # a one-process group meets on a file
+    out = subprocess.run([sys.executable, "-c", GLOO_LOOP_CHILD, str(store)], capture_output=True,
+                         text=True, timeout=120, env={**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)})
+    assert out.returncode == 0, out.stderr[-2000:]
+    changed, idle = map(int, out.stdout.split())
+    assert changed >= 1 and idle == changed

@@ -3,6 +3,9 @@ so the expected output is x and evaluation needs no rescaling (it calls the laye
 
 The mask comes from an explicit generator, so a step is reproducible from its seed; it is drawn
 in float32 whatever x's dtype, so the same seed gives the same mask in float32 and float64.
+Inside ``group.over_group`` (data-parallel training) every process draws the mask of the whole
+global batch, world x k rows from the run's generator as one process would, and keeps its own k
+rows: the group then uses one process's masks, and every generator stays in step.
 
 Dimension letters: any shape; the mask has x's shape.
 """
@@ -15,6 +18,7 @@ import torch
 from torch import Tensor
 
 from ..errors import UserError
+from .group import current as current_group
 
 
 class DropoutCache(NamedTuple):
@@ -30,7 +34,13 @@ def dropout_forward(x: Tensor, p: float, generator: torch.Generator
                         "probability of zeroing a value (1 would zero them all)")
     if p == 0.0:
         return x, DropoutCache(None)
-    u = torch.rand(x.shape, generator=generator, dtype=torch.float32, device=x.device)
+    group = current_group()
+    if group is None or group.world == 1:
+        u = torch.rand(x.shape, generator=generator, dtype=torch.float32, device=x.device)
+    else:  # the global batch's mask, this process's rows of it
+        k = x.shape[0]
+        u = torch.rand((group.world * k, *x.shape[1:]), generator=generator, dtype=torch.float32,
+                       device=x.device)[group.rank * k:(group.rank + 1) * k]
     mult = u.ge_(p).to(x.dtype).mul_(1.0 / (1.0 - p))
     return x * mult, DropoutCache(mult)
 

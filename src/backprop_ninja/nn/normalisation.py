@@ -11,28 +11,31 @@ Layer normalisation needs no batch statistics: each row (each position of each s
 normalised by its own mean and biased variance over its C features, the same in training and
 evaluation, so it has no evaluation mode and no batch-size limit.
 
-Batchnorm across processes (data-parallel training): inside ``over_group(reduce)`` a training
+Batchnorm across processes (data-parallel training): inside ``group.over_group`` a training
 batchnorm normalises with the statistics of the whole global batch, every process holding a slice
-of it; ``reduce`` sums a tensor in place over the processes (an all-reduce). The forward takes
-two passes, the sum (with the count) and then the sum of squares about the global mean, so the
-Bessel variance never subtracts two large sums; the backward all-reduces sum(dy) and
-sum(dy * xhat) and applies exercise 3's formula with the global m. The gradients of gain and
-bias stay the process's own sums (the flat gradient all-reduce adds them up). Outside
-``over_group`` (the default) nothing changes, bit for bit.
+of it; ``group.reduce`` sums a tensor in place over the processes (an all-reduce). The forward
+takes one collective: each process puts its count, its own mean c_r, the residual sum(x - c_r)
+and its sum of squares about c_r (M2) into its own slot of a zeroed table, one SUM fills every
+slot (adding zeros is exact, so this is an all-gather), and ``group_moments`` combines the slots
+by Chan, Golub and LeVeque's pairwise formula: the Bessel variance never subtracts two large sums
+(as sum(x^2) - m mean^2 would), and every process computes the same bits from the same table. The backward all-reduces sum(dy) and
+sum(dy * xhat) and applies exercise 3's formula with the global m. The gradients of gain and bias
+stay the process's own sums (the flat gradient all-reduce adds them up). Outside ``over_group``
+(the default) nothing changes, bit for bit.
 
 Dimension letters: n batch, T positions, H or C features; m = n (2-D) or n*T (3-D).
 """
 
 from __future__ import annotations
 
-import threading
-from contextlib import contextmanager
-from typing import Callable, Iterator, NamedTuple
+from typing import Callable, NamedTuple
 
 import torch
 from torch import Tensor
 
 from ..errors import UserError
+from .group import GroupSum
+from .group import current as current_group
 
 BN_EPS = 1e-5
 LN_EPS = 1e-5  # GPT-2's (torch.nn.LayerNorm's default)
@@ -57,19 +60,24 @@ class BatchNormCache(NamedTuple):
     m: int | None = None
 
 
-_group = threading.local()  # .reduce: this thread's all-reduce inside ``over_group``
+def group_moments(centres: Tensor, residuals: Tensor, m2s: Tensor, counts: Tensor
+                  ) -> tuple[Tensor, Tensor, Tensor]:
+    """The global batch's mean and M2 (its sum of squared deviations from that mean) from every
+    process's shifted sums. Each row r (world x H, counts world x 1) holds a process's centre c_r
+    (its own mean, as computed), the residual S_r = sum(x - c_r) that the centre's rounding
+    leaves, and M2_r = sum((x - c_r)^2), its k_r rows. Returns (mean, M2, m), m the rows in all.
+    Chan, Golub and LeVeque's pairwise combination, exact in exact arithmetic for any centres:
+    with d_r = c_r - mean,
 
+        M2 = sum_r M2_r + 2 d_r S_r + k_r d_r^2
 
-@contextmanager
-def over_group(reduce: Callable[[Tensor], None] | None) -> Iterator[None]:
-    """Training batchnorms inside the block take their statistics over the group's global batch
-    (``reduce`` sums a tensor in place over the processes); None: each its own batch."""
-    saved = getattr(_group, "reduce", None)
-    _group.reduce = reduce
-    try:
-        yield
-    finally:
-        _group.reduce = saved
+    Every term is small where the data's spread is: nothing subtracts two large sums (as
+    sum(x^2) - m mean^2 would), and an error in the mean changes M2 only by its square.
+    """
+    m = counts.sum()
+    mean = (counts * centres + residuals).sum(0) / m
+    d = centres - mean
+    return mean, m2s.sum(0) + (d * (2 * residuals + counts * d)).sum(0), m
 
 
 def feature_dims(x: Tensor) -> tuple[int, ...]:
@@ -90,9 +98,9 @@ def batchnorm_forward(x: Tensor, gain: Tensor, bias: Tensor, stats: BatchNormSta
     trains there, so the cache is None."""
     if stats is not None:
         return batchnorm_apply(x, gain, bias, stats, eps), None
-    reduce = getattr(_group, "reduce", None)
-    if reduce is not None:
-        return batchnorm_forward_over_group(x, gain, bias, correction, eps, reduce)
+    group = current_group()
+    if group is not None:
+        return batchnorm_forward_over_group(x, gain, bias, correction, eps, group)
     dims = feature_dims(x)
     check_batch_size(x.numel() // x.shape[-1])
     var, mean = torch.var_mean(x, dim=dims, keepdim=True, correction=correction)
@@ -124,27 +132,29 @@ def batchnorm_backward(dout: Tensor, cache: BatchNormCache) -> tuple[Tensor, Ten
 
 
 def batchnorm_forward_over_group(x: Tensor, gain: Tensor, bias: Tensor, correction: int, eps: float,
-                            reduce: Callable[[Tensor], None]) -> tuple[Tensor, BatchNormCache]:
-    """Training batchnorm over the group's global batch: pass 1 all-reduces [sum(x), m_local]
-    for the mean, pass 2 sum((x - mean)^2) for the variance (a second pass, numerically sound
-    where the shortcut sum(x^2) - m mean^2 would cancel)."""
+                                 group: GroupSum) -> tuple[Tensor, BatchNormCache]:
+    """Training batchnorm over the group's global batch, its statistics from one collective:
+    this process's centre, residual sum, M2 about the centre and rows (``group_moments``) in its
+    slot of a zeroed world-row table, summed over the group."""
     dims = feature_dims(x)
-    H = x.shape[-1]
-    sums = torch.cat([x.sum(dims).reshape(-1),
-                      torch.tensor([x.numel() // H], dtype=x.dtype, device=x.device)])
-    reduce(sums)
-    m = int(round(float(sums[-1])))
+    H, k = x.shape[-1], x.numel() // x.shape[-1]
+    centre = x.sum(dims, keepdim=True) / k
+    xc = x - centre
+    slots = x.new_zeros(group.world, 3 * H + 1)
+    slots[group.rank] = torch.cat([centre.reshape(-1), xc.sum(dims).reshape(-1),
+                                   (xc * xc).sum(dims).reshape(-1), x.new_tensor([k])])
+    group.reduce(slots)
+    mean, m2, m = group_moments(slots[:, :H], slots[:, H:2 * H], slots[:, 2 * H:3 * H],
+                                slots[:, 3 * H:])
+    m = int(round(float(m)))
     check_batch_size(m)
-    mean = (sums[:H] / m).view((1,) * len(dims) + (H,))
-    xc = x - mean
-    sq = (xc * xc).sum(dims, keepdim=True)
-    reduce(sq)
-    var = sq / (m - correction)
+    shape = (1,) * len(dims) + (H,)
+    mean, var = mean.view(shape), (m2 / (m - correction)).view(shape)
     var_inv = (var + eps).rsqrt()
-    xhat = xc * var_inv
+    xhat = (x - mean) * var_inv
     out = gain * xhat + bias
     return out, BatchNormCache(xhat, gain, var_inv, BatchNormStats(mean, var), correction,
-                               reduce, m)
+                               group.reduce, m)
 
 
 def batchnorm_backward_over_group(dout: Tensor, cache: BatchNormCache) -> tuple[Tensor, Tensor, Tensor]:

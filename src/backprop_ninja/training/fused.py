@@ -17,7 +17,7 @@ import torch
 from torch import Tensor
 
 from ..models.base import Params
-from ..nn.normalisation import BN_EPS, check_batch_size
+from ..nn.normalisation import BN_EPS, GroupSum, check_batch_size, group_moments
 from .optim import FlatParams, OptimConfig, descend, make_optimizer, sharpness_aware
 
 
@@ -52,14 +52,37 @@ class FusedStep:
         self.inv_n = torch.tensor(1.0 / n, dtype=self.dtype, device=self.device)
         self.minus_one = torch.full((n, 1), -1.0, dtype=self.dtype, device=self.device)
         self.minus_inv_n = torch.full((n,), -1.0 / n, dtype=self.dtype, device=self.device)
-        # across processes (``over_group``): the all-reduce that batchnorm's sums go through
+        # across processes (``over_group``): the group batchnorm's statistics span, and its
+        # all-reduce, which batchnorm's sums go through
+        self.group: GroupSum | None = None
         self.reduce = None
 
-    def over_group(self, reduce, world_size: int) -> None:
-        """Batchnorm over the group's global batch of ``world_size`` slices like this one:
-        ``reduce`` sums a tensor in place over the processes. A step without batchnorm needs
-        nothing."""
-        self.reduce = reduce
+    def over_group(self, group: GroupSum) -> None:
+        """Batchnorm over the group's global batch of ``group.world`` slices like this one. A
+        step without batchnorm needs nothing."""
+        self.group, self.reduce = group, group.reduce
+
+    def normalise_over_group(self, pre: Tensor, xhat: Tensor, tmp: Tensor, slots: Tensor,
+                             var_inv: Tensor) -> None:
+        """xhat = (pre - mean) * var_inv, with the mean and the Bessel variance of the group's
+        global batch, from one all-reduce (``nn.normalisation``'s group forward, fused): this
+        process's centre (its own mean), residual sum and M2 about the centre in its slot of
+        ``slots`` (world x 3 x H), the rest zeroed, summed over the group and combined by
+        ``group_moments``."""
+        k, group = pre.shape[0], self.group
+        slots.zero_()
+        mine = slots[group.rank]
+        centre = torch.sum(pre, 0, keepdim=True, out=mine[0:1]).div_(k)
+        torch.sub(pre, centre, out=xhat)
+        torch.sum(xhat, 0, keepdim=True, out=mine[1:2])
+        torch.sum(torch.mul(xhat, xhat, out=tmp), 0, keepdim=True, out=mine[2:3])
+        centre = centre.clone()  # the SUM adds the others' zeros to it: keep it as it was
+        group.reduce(slots)
+        counts = torch.full((group.world, 1), k, dtype=pre.dtype, device=pre.device)
+        mean, m2, _ = group_moments(slots[:, 0], slots[:, 1], slots[:, 2], counts)
+        torch.add(self.eps, m2.view(1, -1), alpha=1.0 / (k * group.world - 1), out=var_inv).rsqrt_()
+        # pre - mean = (pre - centre) + (centre - mean), scaled: one pass over the rows
+        torch.addcmul((centre - mean) * var_inv, xhat, var_inv, out=xhat)
 
     def new(self, *shape: int, dtype: torch.dtype | None = None) -> Tensor:
         return torch.empty(shape, dtype=dtype or self.dtype, device=self.device)

@@ -33,10 +33,12 @@ class FastStep(FusedStep):
         self.W1_T, self.W2_T = self.params["W1"].T, self.params["W2"].T
         self.bn_m = n  # the rows batchnorm's statistics cover (the global batch, over a group)
         self.bn_sums = new(2, H)  # over a group: sum(dy) and sum(dy * xhat), all-reduced
+        self.bn_slots = None      # over a group: every process's shifted sums (``normalise_over_group``)
 
-    def over_group(self, reduce, world_size: int) -> None:
-        super().over_group(reduce, world_size)
-        self.bn_m = self.n * world_size
+    def over_group(self, group) -> None:
+        super().over_group(group)
+        self.bn_m = self.n * group.world
+        self.bn_slots = self.new(group.world, 3, self.hprebn.shape[1])
 
     def forward_backward(self, ix: Tensor, loss_out: Tensor | None = None) -> Tensor:
         """Fill ``self.grads`` with the batch's gradients; return its loss (written into
@@ -45,17 +47,16 @@ class FastStep(FusedStep):
         xhat, tmp = self.xhat, self.tmp_nh
         self.embed(ix)                                                   # n*T x E
         torch.addmm(p["b1"], self.embcat, p["W1"], out=self.hprebn)     # n x H
-        # batchnorm statistics from sums (var_mean's reduction is slow for tall, thin inputs)
-        torch.sum(self.hprebn, 0, keepdim=True, out=self.stat)
-        if self.reduce is not None:  # over a group: the global batch's mean, then its variance
+        if self.group is None:
+            # batchnorm statistics from sums (var_mean's reduction is slow for tall, thin inputs)
+            torch.sum(self.hprebn, 0, keepdim=True, out=self.stat)
+            torch.add(self.hprebn, self.stat, alpha=-1.0 / n, out=xhat)  # bndiff
+            torch.sum(torch.mul(xhat, xhat, out=tmp), 0, keepdim=True, out=self.stat)
+            torch.add(self.eps, self.stat, alpha=1.0 / (n - 1), out=self.var_inv).rsqrt_()
+            xhat.mul_(self.var_inv)
+        else:  # over a group: the global batch's mean and variance, one all-reduce
             n = self.bn_m
-            self.reduce(self.stat)
-        torch.add(self.hprebn, self.stat, alpha=-1.0 / n, out=xhat)      # bndiff
-        torch.sum(torch.mul(xhat, xhat, out=tmp), 0, keepdim=True, out=self.stat)
-        if self.reduce is not None:
-            self.reduce(self.stat)
-        torch.add(self.eps, self.stat, alpha=1.0 / (n - 1), out=self.var_inv).rsqrt_()
-        xhat.mul_(self.var_inv)
+            self.normalise_over_group(self.hprebn, xhat, tmp, self.bn_slots, self.var_inv)
         torch.addcmul(p["bnbias"], p["bngain"], xhat, out=self.h).tanh_()
         torch.addmm(p["b2"], self.h, p["W2"], out=self.logits)          # n x V
         loss, dlogits = self.cross_entropy(loss_out)

@@ -77,18 +77,20 @@ class FastStep(FusedStep):
         self.top, self.dtop = below, dbelow                        # n x H
         self.top_T, self.Wout_T = self.top.T, p["Wout"].T
 
-    def over_group(self, reduce, world_size: int) -> None:
-        super().over_group(reduce, world_size)
+    def over_group(self, group) -> None:
+        super().over_group(group)
+        self.slots = []  # each level's table of every process's shifted sums
         for level in self.levels:
-            level.m *= world_size
+            level.m *= group.world
+            self.slots.append(self.new(group.world, 3, level.pre.shape[1]))
 
     def forward_backward(self, ix: Tensor, loss_out: Tensor | None = None) -> Tensor:
         """Fill ``self.grads`` with the batch's gradients; return its loss (written into
         ``loss_out`` if given)."""
         p, g = self.params, self.grads
         self.embed(ix)                                              # n*T x E
-        for level in self.levels:
-            self.level_forward(level)
+        for i, level in enumerate(self.levels):
+            self.level_forward(level, None if self.group is None else self.slots[i])
         torch.addmm(p["bout"], self.top, p["Wout"], out=self.logits)   # n x V
         loss, dlogits = self.cross_entropy(loss_out)
         # logits = top @ Wout + bout
@@ -100,18 +102,18 @@ class FastStep(FusedStep):
         self.embedding_grad()  # emb = C[xb]: each row of C gets the rows that looked it up
         return loss
 
-    def level_forward(self, L: Level) -> None:
-        """pre = x @ W; batchnorm over the m rows (statistics from sums); h = tanh."""
+    def level_forward(self, L: Level, slots: Tensor | None) -> None:
+        """pre = x @ W; batchnorm over the m rows (statistics from sums; over a group, from
+        ``slots`` and one all-reduce); h = tanh."""
         torch.mm(L.x, L.W, out=L.pre)
-        torch.sum(L.pre, 0, keepdim=True, out=L.stat)
-        if self.reduce is not None:  # over a group: the global batch's mean, then its variance
-            self.reduce(L.stat)
-        torch.add(L.pre, L.stat, alpha=-1.0 / L.m, out=L.xhat)
-        torch.sum(torch.mul(L.xhat, L.xhat, out=L.tmp), 0, keepdim=True, out=L.stat)
-        if self.reduce is not None:
-            self.reduce(L.stat)
-        torch.add(self.eps, L.stat, alpha=1.0 / (L.m - 1), out=L.var_inv).rsqrt_()
-        L.xhat.mul_(L.var_inv)
+        if slots is None:
+            torch.sum(L.pre, 0, keepdim=True, out=L.stat)
+            torch.add(L.pre, L.stat, alpha=-1.0 / L.m, out=L.xhat)
+            torch.sum(torch.mul(L.xhat, L.xhat, out=L.tmp), 0, keepdim=True, out=L.stat)
+            torch.add(self.eps, L.stat, alpha=1.0 / (L.m - 1), out=L.var_inv).rsqrt_()
+            L.xhat.mul_(L.var_inv)
+        else:
+            self.normalise_over_group(L.pre, L.xhat, L.tmp, slots, L.var_inv)
         torch.addcmul(L.bias, L.gain, L.xhat, out=L.h).tanh_()
 
     def level_backward(self, L: Level) -> None:

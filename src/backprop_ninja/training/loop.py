@@ -234,9 +234,9 @@ def run_loop(state: RunState, opts: Options) -> str:
     tcfg, spec, device = state.tcfg, state.spec, next(iter(state.params.values())).device
     group = opts.group
     X, Y = (t.to(device) for t in state.data.splits["train"])
-    # in a group each rank draws its own dropout masks (``distributed.GroupStep``)
-    mask_rng = state.generator if group is None else torch.Generator(device=device)
-    dropout = Dropout(tcfg.dropout, mask_rng) if tcfg.dropout else None
+    # in a group every rank draws the global batch's masks from the run's generator and keeps its
+    # rows (``nn.dropout``), as it does with the batch's indices
+    dropout = Dropout(tcfg.dropout, state.generator) if tcfg.dropout else None
     local_batch = tcfg.batch_size if group is None else tcfg.batch_size // group.world
     stepper = make_step(opts.grad, spec, state.params, X, Y, local_batch,
                         tcfg.optim(spec.no_decay), dropout, state.teacher)
@@ -248,8 +248,7 @@ def run_loop(state: RunState, opts: Options) -> str:
     if group is None:
         runner = make_runner(stepper, state, X.shape[0], device)
     else:  # every rank draws the global batch; the step keeps its slice, eagerly (no CUDA graph)
-        stepper = group.wrap_step(stepper, Y, tcfg.batch_size, tcfg.seed if dropout else None,
-                                  state.step)
+        stepper = group.wrap_step(stepper, Y, tcfg.batch_size)
         batches = PerStepBatches(state.generator, X.shape[0], tcfg.batch_size, device) \
             if device.type != "cuda" else \
             cuda_graph.ChunkedBatches(X.shape[0], tcfg.batch_size, tcfg.seed, device).indices

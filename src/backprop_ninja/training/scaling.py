@@ -58,7 +58,7 @@ def bench_rank(job: dict) -> int:
         step = make_step("fast", spec, params, X, Y, batch // group.world,
                          OptimConfig(name=spec.recipe.get("optimizer", "sgd")))
         if group.world > 1:
-            step = group.wrap_step(step, Y, batch, None, 0)
+            step = group.wrap_step(step, Y, batch)
         ix = torch.empty(batch, dtype=torch.long)
         with torch.no_grad():
             for i in range(job["warmup"] + job["steps"]):
