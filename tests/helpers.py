@@ -1,7 +1,9 @@
 """What several test files share."""
 
 import random
+import threading
 from pathlib import Path
+from types import SimpleNamespace
 
 import torch
 from torch.nn import functional
@@ -49,3 +51,63 @@ def lecture_loss_with_plain_torch() -> float:
     hpreact = bngain * (hprebn - hprebn.mean(0, keepdim=True)) / \
         (hprebn.var(0, keepdim=True, unbiased=True) + 1e-5).sqrt() + bnbias
     return functional.cross_entropy(torch.tanh(hpreact) @ W2 + b2, Ytr[ix]).item()
+
+
+class ThreadGroup:
+    """N ranks as threads, their collectives barriers: each rank's tensor put in its slot, and
+    sums taken in rank order. The same hand-written code as a gloo group runs, without starting
+    processes."""
+
+    def __init__(self, world: int):
+        self.world, self.barrier, self.slots = world, threading.Barrier(world), [None] * world
+
+    def exchange(self, rank: int, t: torch.Tensor) -> list:
+        """Every rank's ``t``, in rank order."""
+        self.slots[rank] = t.clone()
+        self.barrier.wait()
+        got = list(self.slots)
+        self.barrier.wait()
+        return got
+
+    def total(self, rank: int, t: torch.Tensor) -> torch.Tensor:
+        got = self.exchange(rank, t)
+        total = got[0].clone()
+        for s in got[1:]:
+            total += s
+        return total
+
+    def reduce_for(self, rank: int):
+        """Rank ``rank``'s all-reduce: sums a tensor in place."""
+        return lambda t: t.copy_(self.total(rank, t))
+
+    def collectives_for(self, rank: int) -> SimpleNamespace:
+        """Rank ``rank``'s group, as ``training.distributed.Group`` offers it to the ZeRO-1 rule:
+        all_reduce, reduce_scatter and all_gather_into."""
+        def reduce_scatter(out: torch.Tensor, t: torch.Tensor) -> None:
+            out.copy_(self.total(rank, t).view(self.world, -1)[rank])
+
+        def all_gather_into(out: torch.Tensor, t: torch.Tensor) -> None:
+            out.copy_(torch.cat(self.exchange(rank, t)))
+
+        return SimpleNamespace(rank=rank, world=self.world, all_reduce=self.reduce_for(rank),
+                               reduce_scatter=reduce_scatter, all_gather_into=all_gather_into)
+
+    def run(self, fn) -> list:
+        """fn(rank, reduce) in one thread per rank; their results in rank order."""
+        out, errors = [None] * self.world, []
+
+        def body(r):
+            try:
+                out[r] = fn(r, self.reduce_for(r))
+            except BaseException as e:  # noqa: BLE001 - re-raised in the test's thread
+                errors.append(e)
+                self.barrier.abort()
+
+        threads = [threading.Thread(target=body, args=(r,)) for r in range(self.world)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        if errors:
+            raise errors[0]
+        return out

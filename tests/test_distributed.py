@@ -91,6 +91,57 @@ def test_resume_with_two_processes_is_bit_exact_and_another_count_says_so(tmp_pa
     assert "resuming a run of 2 processes with 1: the same global batch of 32" in capfd.readouterr().out
 
 
+def zero_flags(name: str) -> list[str]:
+    spec = models.get(name)
+    return ["--type", name, "--batch-size", "32", "--checkpoint-every", "0", *tiny_flags(spec),
+            *QUIET]
+
+
+def test_zero_takes_the_replicated_groups_updates(tmp_path):
+    """ZeRO-1 with 2 ranks: the RNN (AdamW, weight decay) bit for bit, since a sum of two is
+    the same either way and each entry's update is AdamW's own; the transformer's recipe (SAM,
+    whose norm ZeRO sums from shards, and the EMA) within the 2-process tolerance."""
+    for name, steps in (("rnn", "100"), ("transformer", "100")):
+        common = [*zero_flags(name), "--steps", steps, "--eval-every", "50", "--nproc", "2"]
+        assert main(["train", "-o", str(tmp_path / name), *common]) == 0
+        assert main(["train", "-o", str(tmp_path / f"{name}-zero"), "--zero", *common]) == 0
+        a, b = (load_file(str(tmp_path / d / "checkpoint.safetensors")) for d in (name, f"{name}-zero"))
+        assert a.keys() == b.keys()
+        if name == "rnn":
+            assert all(torch.equal(a[k], b[k]) for k in a), [k for k in a if not torch.equal(a[k], b[k])]
+            continue
+        masks = key_biases(name, a)
+        for k in a:
+            if a[k].is_floating_point() and k != "rng_state":
+                mask = masks.get(k, torch.ones_like(a[k], dtype=torch.bool))
+                assert rel_diff(a[k], b[k], mask) <= TOL, (k, rel_diff(a[k], b[k], mask))
+
+
+def test_zero_resumes_bit_exact_and_its_checkpoint_resumes_without_it(tmp_path):
+    common = [*zero_flags("rnn"), "--eval-every", "20", "--nproc", "2"]
+    for d, flags in (("straight-zero", ["--zero"]), ("straight", [])):
+        assert main(["train", "-o", str(tmp_path / d), "--steps", "60", *common, *flags]) == 0
+    for d in ("cut", "cut-plain"):
+        assert main(["train", "-o", str(tmp_path / d), "--steps", "30", "--zero", *common]) == 0
+    assert main(["train", "-o", str(tmp_path / "cut"), "--resume", "--steps", "60", "--zero",
+                 "--nproc", "2", *QUIET]) == 0
+    assert main(["train", "-o", str(tmp_path / "cut-plain"), "--resume", "--steps", "60",
+                 "--nproc", "2", *QUIET]) == 0
+    for x, y in (("straight-zero", "cut"), ("straight", "cut-plain")):
+        a, b = (load_file(str(tmp_path / d / "checkpoint.safetensors")) for d in (x, y))
+        assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), (x, y)
+
+
+@pytest.mark.parametrize("args, needle", [
+    (["--zero"], "--zero shards AdamW's moments across processes: train with --nproc 2"),
+    (["--zero", "--nproc", "2"], "this run's optimiser is sgd, which keeps none"),
+])
+def test_zero_without_a_group_or_without_adamw_is_a_one_line_error(tmp_path, capsys, args, needle):
+    rc = main(["train", "-o", str(tmp_path / "run"), "--type", "mlp", "--steps", "10", *QUIET, *args])
+    one_line_error(capsys, rc, needle)
+    assert not (tmp_path / "run" / "checkpoint.safetensors").exists()
+
+
 def start(workdir: Path, *args: str) -> subprocess.Popen:
     cmd = [sys.executable, "-m", "backprop_ninja", "train", "-o", str(workdir), "--nproc", "2",
            "--n-hidden", "32", "--steps", "1000000", "--checkpoint-every", "200", "--eval-every", "0",
@@ -272,3 +323,17 @@ def test_the_gloo_event_loop_thread_yields_to_every_other_thread(tmp_path):
     assert out.returncode == 0, out.stderr[-2000:]
     changed, idle = map(int, out.stdout.split())
     assert changed >= 1 and idle == changed
+
+
+def test_the_scaling_command_times_every_configuration(monkeypatch):
+    """The rows' mechanics (figures depend on the machine): for a model trained with AdamW,
+    1 x 1, 1 x 2, 2 x 1 and 2 x 1 with ZeRO-1, each timed in its own processes."""
+    from backprop_ninja.training import scaling
+
+    monkeypatch.setattr(scaling, "sizes", lambda spec: [(8, {})])
+    rows = scaling.scaling("rnn", 2, log=lambda line: None)
+    assert [(r["processes"], r["threads"], r["zero"]) for r in rows] == \
+        [(1, 1, False), (1, 2, False), (2, 1, False), (2, 1, True)]
+    assert all(r["steps_per_s"] > 0 and r["examples_per_s"] == r["steps_per_s"] * 8 for r in rows)
+    assert rows[0]["vs_1x1"] == 1.0 and rows[0]["allreduce_share"] == 0.0
+    assert all(0 < r["allreduce_share"] < 1 and r["efficiency"] is not None for r in rows[2:])

@@ -6,8 +6,6 @@ order: the same hand-written code as a gloo group runs (``over_group`` and the f
 <= 1e-10.
 """
 
-import threading
-
 import pytest
 import torch
 
@@ -16,46 +14,9 @@ from backprop_ninja.checking.models import TINY, autograd_param_grads
 from backprop_ninja.nn.group import GroupSum, over_group
 from backprop_ninja.nn.normalisation import batchnorm_backward, batchnorm_forward, group_moments
 from backprop_ninja.training import fused_mlp, fused_wavenet
+from helpers import ThreadGroup
 
 TOL = 1e-10
-
-
-class ThreadGroup:
-    """N threads' all-reduce: each rank's tensor summed in rank order, written back to all."""
-
-    def __init__(self, world: int):
-        self.world, self.barrier, self.slots = world, threading.Barrier(world), [None] * world
-
-    def reduce_for(self, rank: int):
-        def reduce(t: torch.Tensor) -> None:
-            self.slots[rank] = t.clone()
-            self.barrier.wait()
-            total = self.slots[0].clone()
-            for s in self.slots[1:]:
-                total += s
-            self.barrier.wait()
-            t.copy_(total)
-        return reduce
-
-    def run(self, fn) -> list:
-        """fn(rank, reduce) in one thread per rank; their results in rank order."""
-        out, errors = [None] * self.world, []
-
-        def body(r):
-            try:
-                out[r] = fn(r, self.reduce_for(r))
-            except BaseException as e:  # noqa: BLE001 - re-raised in the test's thread
-                errors.append(e)
-                self.barrier.abort()
-
-        threads = [threading.Thread(target=body, args=(r,)) for r in range(self.world)]
-        for t in threads:
-            t.start()
-        for t in threads:
-            t.join()
-        if errors:
-            raise errors[0]
-        return out
 
 
 def close(a: torch.Tensor, b: torch.Tensor) -> None:

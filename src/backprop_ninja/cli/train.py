@@ -58,6 +58,9 @@ def cmd_train(args: argparse.Namespace) -> int:
         raise UserError(f"-o {workdir} is a file, not a directory; pass a directory for the run")
     if distributed.in_group_env():  # one rank of a group: started by --nproc or by torchrun
         return train_rank(args)
+    if args.zero and (args.nproc is None or args.nproc < 2):
+        raise UserError("--zero shards AdamW's moments across processes: train with --nproc 2 "
+                        "or more (or under torchrun), or drop --zero")
     if args.nproc is not None:
         distributed.check_nproc(args.nproc)
     with rundir.locked(workdir, resume=args.resume):  # held here for the whole group
@@ -132,6 +135,9 @@ def train_locked(args: argparse.Namespace, workdir: Path, group=None) -> int:
         state = start_run(workdir, args.input, spec, flags, tcfg, split_seed, device,
                                args.teacher)
     batch = state.tcfg.batch_size
+    if args.zero and state.tcfg.optimizer != "adamw":
+        raise UserError(f"--zero shards AdamW's moments, and this run's optimiser is "
+                        f"{state.tcfg.optimizer}, which keeps none: drop --zero")
     if group is not None:
         batch = join_run(state, group)
     elif state.config.get("processes", 1) != 1:  # a run of several processes, resumed in one
@@ -153,7 +159,7 @@ def train_locked(args: argparse.Namespace, workdir: Path, group=None) -> int:
     opts = loop.Options(grad=args.grad, eval_every=args.eval_every,
                         checkpoint_every=args.checkpoint_every, diag_every=args.diag_every,
                         check_grads=args.check_grads, progress=not args.no_progress, log=log,
-                        group=group, exact_train_loss=args.exact_train_loss)
+                        group=group, exact_train_loss=args.exact_train_loss, zero=args.zero)
     outcome = loop.train(state, opts)
     if outcome == "interrupted":
         return 130
@@ -412,6 +418,9 @@ def register(sub) -> None:
                    help="with --nproc: the port on 127.0.0.1 the ranks meet on (default: a free one)")
     p.add_argument("--backend", choices=("gloo", "nccl"), default=None,
                    help="with several processes: gloo (default on the CPU) or nccl (default on CUDA)")
+    p.add_argument("--zero", action="store_true",
+                   help="with several processes and AdamW: shard its moments across the ranks "
+                        "(ZeRO-1), each keeping 1/N of them; the same updates, the same files")
     add_exact_train_flag(p)
     p.set_defaults(func=cmd_train)
 

@@ -62,11 +62,17 @@ from ..nn.losses import IGNORE_INDEX
 from ..nn.group import GroupSum, over_group
 from ..nn.normalisation import StatsAccumulator
 from . import threads
-from .optim import descend
+from .optim import Averaged, OptimConfig, descend
+from .zero import ZeroAdamW, ZeroSharpnessAware
 
 DEFAULT_TIMEOUT = 60.0
 SPAWNED = "BACKPROP_NINJA_SPAWNED"  # set in the workers that ``launch`` starts (their parent holds the lock)
 GRACE = 10.0  # seconds beyond --timeout that the launcher waits for the ranks left before killing them
+
+
+# the single-tensor collectives, by their names in this torch (renamed in 2.13)
+REDUCE_SCATTER = getattr(dist, "reduce_scatter_single", None) or dist.reduce_scatter_tensor
+ALL_GATHER = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
 
 
 class GroupError(UserError):
@@ -125,6 +131,20 @@ class Group:
         """Sum ``t`` in place over the group."""
         try:
             dist.all_reduce(t)
+        except (RuntimeError, ValueError) as e:
+            raise self._failed(e) from None
+
+    def reduce_scatter(self, out: Tensor, t: Tensor) -> None:
+        """The group's sum of ``t`` (world equal parts), this rank's part into ``out``."""
+        try:
+            REDUCE_SCATTER(out, t)
+        except (RuntimeError, ValueError) as e:
+            raise self._failed(e) from None
+
+    def all_gather_into(self, out: Tensor, t: Tensor) -> None:
+        """Every rank's ``t``, in rank order, into ``out`` (world times its size)."""
+        try:
+            ALL_GATHER(out, t)
         except (RuntimeError, ValueError) as e:
             raise self._failed(e) from None
 
@@ -219,8 +239,9 @@ class Group:
         return float(t[0] / t[1])
 
     # ---- the step
-    def wrap_step(self, stepper, Y: Tensor, batch_size: int) -> "GroupStep":
-        return GroupStep(stepper, self, Y, batch_size)
+    def wrap_step(self, stepper, Y: Tensor, batch_size: int,
+                  zero: OptimConfig | None = None) -> "GroupStep":
+        return GroupStep(stepper, self, Y, batch_size, zero)
 
     def close(self) -> None:
         if dist.is_initialized():
@@ -246,11 +267,19 @@ def code_digest() -> bytes:
 class GroupStep:
     """A step of any route, taken by one rank on its slice of the global batch, its gradient
     summed over the group (and with ``--sam`` the second pass's too: the first pass's gradient
-    is the group's before SAM measures its norm)."""
+    is the group's before SAM measures its norm). With ``zero`` (the run's AdamW config) the
+    update rule is ZeRO-1's (``zero``): the gradient reduce-scattered, AdamW's moments sharded,
+    the parameters all-gathered; the inner step's own rule is then a stateless placeholder."""
 
-    def __init__(self, inner, group: Group, Y: Tensor, batch_size: int):
+    def __init__(self, inner, group: Group, Y: Tensor, batch_size: int,
+                 zero: OptimConfig | None = None):
         self.inner, self.group = inner, group
         self.optimizer, self.sam = inner.optimizer, inner.sam
+        self.zero = None
+        if zero is not None:
+            self.zero = ZeroAdamW(inner.buffers, zero, group)
+            self.optimizer = Averaged(self.zero, zero.ema) if zero.ema else self.zero
+            self.sam = ZeroSharpnessAware(self.zero, zero.sam, group.all_reduce) if zero.sam else None
         self.params, self.grads, self.buffers = inner.params, inner.grads, inner.buffers
         self.gradfn = getattr(inner, "forward_backward", None) or inner.gradients
         self.k = batch_size // group.world
@@ -280,7 +309,11 @@ class GroupStep:
             grad.mul_(self.weight)
             loss = loss * self.weight
         t0 = time.perf_counter()
-        self.reduce(grad)
+        if self.zero is None:
+            self.reduce(grad)
+        else:  # this rank's shard of the group's gradient, where its update rule reads it
+            grad = self.zero.shard.grad
+            self.zero.sharding.scatter(self.buffers.grad, grad)
         self.group.reduce_seconds += time.perf_counter() - t0
         grad.mul_(self.scale)
         return loss * self.scale

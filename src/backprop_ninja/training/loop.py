@@ -27,7 +27,7 @@ from ..errors import UserError
 from ..models.base import Dropout, ModelSpec, Params, calibrate, evaluate
 from ..plots.loss import write_loss_plot
 from . import cuda_graph
-from .optim import model_params, views
+from .optim import OptimConfig, model_params, views
 from .run import RunState, describe, format_train, save_model, save_progress
 from .steps import make_step
 from .threads import all_threads
@@ -55,6 +55,7 @@ class Options:
     log: Callable[[str], None] = field(default=print)
     # one rank of a data-parallel group (``distributed.Group``); None: a single process
     group: object | None = None
+    zero: bool = False  # in a group: AdamW's moments sharded across the ranks (``zero``)
 
 
 class Diverged(UserError):
@@ -238,8 +239,12 @@ def run_loop(state: RunState, opts: Options) -> str:
     # rows (``nn.dropout``), as it does with the batch's indices
     dropout = Dropout(tcfg.dropout, state.generator) if tcfg.dropout else None
     local_batch = tcfg.batch_size if group is None else tcfg.batch_size // group.world
-    stepper = make_step(opts.grad, spec, state.params, X, Y, local_batch,
-                        tcfg.optim(spec.no_decay), dropout, state.teacher)
+    opt = tcfg.optim(spec.no_decay)
+    zero = group is not None and opts.zero  # then the group's sharded rule replaces the step's,
+    stepper = make_step(opts.grad, spec, state.params, X, Y, local_batch,  # which keeps no state
+                        OptimConfig() if zero else opt, dropout, state.teacher)
+    if group is not None:  # every rank draws the global batch; the step keeps its slice
+        stepper = group.wrap_step(stepper, Y, tcfg.batch_size, opt if zero else None)
     if state.optimizer_state:
         stepper.optimizer.load_state(state.optimizer_state)
     state.params = stepper.params
@@ -247,8 +252,7 @@ def run_loop(state: RunState, opts: Options) -> str:
     flat = stepper.optimizer.buffers.flat
     if group is None:
         runner = make_runner(stepper, state, X.shape[0], device)
-    else:  # every rank draws the global batch; the step keeps its slice, eagerly (no CUDA graph)
-        stepper = group.wrap_step(stepper, Y, tcfg.batch_size)
+    else:  # eagerly (no CUDA graph)
         batches = PerStepBatches(state.generator, X.shape[0], tcfg.batch_size, device) \
             if device.type != "cuda" else \
             cuda_graph.ChunkedBatches(X.shape[0], tcfg.batch_size, tcfg.seed, device).indices
@@ -300,8 +304,9 @@ def run_loop(state: RunState, opts: Options) -> str:
         probe = spec.forward(state.params, X[:probe_size], Y[:probe_size], keep_cache=False).loss.item()
         if not (math.isfinite(probe) and all(torch.isfinite(p).all() for p in state.params.values())):
             raise diverged(probe, state.step)
+        optimizer_state = stepper.optimizer.state()  # on every rank: with --zero a collective
         if writer:
-            save_progress(state, unsaved, stepper.optimizer.state())
+            save_progress(state, unsaved, optimizer_state)
         unsaved = []
         last_good = state.step
 

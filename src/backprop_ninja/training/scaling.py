@@ -1,6 +1,7 @@
 """How data-parallel training scales: steps/s and examples/s of the fast step at a model's recipe
 size and a large one, for 1 process x 1 thread, 1 process x 2 threads and 2 processes x 1
-thread, with the gradient all-reduce's share of the step and the efficiency (N-process
+thread (and, for a model trained with AdamW, 2 x 1 with ZeRO-1), with the gradient sync's share
+of the step (its all-reduce, or ZeRO-1's reduce-scatter) and the efficiency (N-process
 examples/s over N times one process's).
 
 Every configuration runs in freshly spawned processes (``distributed.launch``), on random
@@ -29,7 +30,8 @@ EXAMPLES = 20_000
 SEQUENCE_BLOCK = 16
 # (batch, config overrides): the recipe's size, and a large one
 LARGE = {"mlp": (4096, {"n_hidden": 1024}), "transformer": (256, {})}
-CONFIGS = ((1, 1), (1, 2), (2, 1))  # (processes, threads per process)
+CONFIGS = ((1, 1, False), (1, 2, False), (2, 1, False))  # (processes, threads each, ZeRO-1)
+ZERO = (2, 1, True)  # for a model trained with AdamW, also its moments sharded (``zero``)
 
 
 def sizes(spec) -> list[tuple[int, dict]]:
@@ -55,10 +57,11 @@ def bench_rank(job: dict) -> int:
         Y = torch.randint(0, VOCAB, (EXAMPLES, T) if spec.layout == "sequence" else (EXAMPLES,),
                           generator=g)
         batch = job["batch"]
+        opt = OptimConfig(name=spec.recipe.get("optimizer", "sgd"))
         step = make_step("fast", spec, params, X, Y, batch // group.world,
-                         OptimConfig(name=spec.recipe.get("optimizer", "sgd")))
+                         OptimConfig() if job["zero"] else opt)
         if group.world > 1:
-            step = group.wrap_step(step, Y, batch)
+            step = group.wrap_step(step, Y, batch, opt if job["zero"] else None)
         ix = torch.empty(batch, dtype=torch.long)
         with torch.no_grad():
             for i in range(job["warmup"] + job["steps"]):
@@ -81,11 +84,13 @@ def scaling(name: str, steps: int, log=print) -> list[dict]:
     spec = models.get(name)
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
+        configs = CONFIGS + ((ZERO,) if spec.recipe.get("optimizer") == "adamw" else ())
         for batch, overrides in sizes(spec):
             base = None
-            for nproc, threads_each in CONFIGS:
-                out = Path(tmp) / f"{batch}-{nproc}-{threads_each}.json"
+            for nproc, threads_each, zero in configs:
+                out = Path(tmp) / f"{batch}-{nproc}-{threads_each}-{zero}.json"
                 job = {"type": name, "batch": batch, "overrides": overrides, "threads": threads_each,
+                       "zero": zero,
                        "steps": steps, "warmup": max(5, steps // 10), "out": str(out),
                        "timeout": distributed.DEFAULT_TIMEOUT}
                 distributed.launch(job, bench_rank, nproc, None, distributed.DEFAULT_TIMEOUT)
@@ -94,14 +99,16 @@ def scaling(name: str, steps: int, log=print) -> list[dict]:
                 if (nproc, threads_each) == (1, 1):
                     base = rate
                 row = {"type": name, "batch": batch, "config": overrides, "processes": nproc,
-                       "threads": threads_each, "steps_per_s": rate, "examples_per_s": rate * batch,
+                       "threads": threads_each, "zero": zero, "steps_per_s": rate,
+                       "examples_per_s": rate * batch,
                        "allreduce_share": got["reduce_seconds"] / got["seconds"],
                        "vs_1x1": rate / base, "efficiency": rate / (nproc * base) if nproc > 1 else None}
                 rows.append(row)
                 size = "recipe" if (batch, overrides) == sizes(spec)[0] else \
                     "large" + "".join(f", {k} {v}" for k, v in overrides.items())
                 eff = f"  efficiency {row['efficiency']:.2f}" if row["efficiency"] else ""
-                log(f"{name} batch {batch:>5} ({size}): {nproc} proc x {threads_each} thread  "
+                how = f"{nproc} proc x {threads_each} thread" + (", ZeRO-1" if zero else "")
+                log(f"{name} batch {batch:>5} ({size}): {how}  "
                     f"{rate:8.1f} steps/s  {rate * batch:10,.0f} examples/s  all-reduce "
                     f"{100 * row['allreduce_share']:4.1f}% of the step  {row['vs_1x1']:.2f}x 1x1{eff}")
     return rows
