@@ -66,9 +66,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     with rundir.locked(workdir, resume=args.resume):  # held here for the whole group
         if args.nproc is not None and args.nproc > 1:
             distributed.check_nproc(args.nproc, global_batch(args, workdir))
-            if args.check_grads:
-                raise UserError("--check-grads compares one process's gradients with autograd's; "
-                                "drop it with --nproc, or check with one process")
+            check_group_flags(args, run_optimizer(args, workdir))
             resolve_device(args.device)
             return distributed.launch(args, train_rank, args.nproc, args.master_port, args.timeout)
         return train_locked(args, workdir)
@@ -86,6 +84,31 @@ def global_batch(args: argparse.Namespace, workdir: Path) -> int:
     return int(models.get(args.type or catalog.DEFAULT).recipe["batch_size"])
 
 
+def run_optimizer(args: argparse.Namespace, workdir: Path) -> str:
+    """The optimiser a run will take (the flag, the resumed run's, or the recipe's)."""
+    from .. import models, rundir
+
+    if args.optimizer is not None:
+        return args.optimizer
+    if args.resume and (workdir / rundir.CONFIG).exists():
+        return rundir.read_config(workdir)["train"].get("optimizer", "sgd")
+    return models.get(args.type or catalog.DEFAULT).recipe.get("optimizer", "sgd")
+
+
+def check_group_flags(args: argparse.Namespace, optimizer: str) -> None:
+    """What several processes cannot do, said before any starts (and again in each rank)."""
+    if args.check_grads:
+        raise UserError("--check-grads compares one process's gradients with autograd's; drop it "
+                        "with several processes, or check with one")
+    if args.grad == "autograd":
+        raise UserError("--grad autograd is a one-process reference: over a group, batchnorm's "
+                        "statistics are summed outside autograd's graph; train with --grad fast "
+                        "or eager")
+    if args.zero and optimizer != "adamw":
+        raise UserError(f"--zero shards AdamW's moments, and this run's optimiser is {optimizer}, "
+                        "which keeps none: drop --zero")
+
+
 def train_rank(args: argparse.Namespace) -> int:
     """One rank of a data-parallel group (``training.distributed``): joins it, then trains as
     a single process does, on its slice of each global batch. Rank 0 holds the work directory's
@@ -94,11 +117,9 @@ def train_rank(args: argparse.Namespace) -> int:
     from ..training import distributed
 
     workdir = Path(args.out_dir)
-    if args.check_grads:
-        raise UserError("--check-grads compares one process's gradients with autograd's; drop it "
-                        "with several processes, or check with one")
+    check_group_flags(args, run_optimizer(args, workdir))
     device = resolve_device(args.device or (rundir.checkpoint_device(workdir) if args.resume else None))
-    group = distributed.join(args.timeout, device, args.backend)
+    group = distributed.join(args.timeout, device, args.backend, args.gloo_loop)
     try:
         if distributed.spawned() or not group.is_writer:
             return train_locked(args, workdir, group)
@@ -135,11 +156,8 @@ def train_locked(args: argparse.Namespace, workdir: Path, group=None) -> int:
         state = start_run(workdir, args.input, spec, flags, tcfg, split_seed, device,
                                args.teacher)
     batch = state.tcfg.batch_size
-    if args.zero and state.tcfg.optimizer != "adamw":
-        raise UserError(f"--zero shards AdamW's moments, and this run's optimiser is "
-                        f"{state.tcfg.optimizer}, which keeps none: drop --zero")
     if group is not None:
-        batch = join_run(state, group)
+        batch = join_run(state, group, args.zero)
     elif state.config.get("processes", 1) != 1:  # a run of several processes, resumed in one
         log(f"resuming a run of {state.config['processes']} processes with 1: the same global "
             f"batch of {batch}")
@@ -169,9 +187,10 @@ def train_locked(args: argparse.Namespace, workdir: Path, group=None) -> int:
     return 0
 
 
-def join_run(state, group) -> int:
+def join_run(state, group, zero: bool = False) -> int:
     """A rank's part of the run: the global batch shared out, the world size in the config, the
-    same code, data and config on every rank; returns the rank's slice of the batch."""
+    same code, data, config and update rule (``--zero`` changes every step's collectives) on
+    every rank; returns the rank's slice of the batch."""
     from ..training import distributed
 
     batch = state.tcfg.batch_size
@@ -181,7 +200,7 @@ def join_run(state, group) -> int:
         group.log(f"resuming a run of {before} process(es) with {group.world}: the same global batch "
                   f"of {batch}, {batch // group.world} examples per process")
     state.config["processes"] = group.world
-    group.check_same({"config": state.config, "step": state.step})
+    group.check_same({"config": state.config, "step": state.step, "zero": zero})
     return batch // group.world
 
 
@@ -421,6 +440,11 @@ def register(sub) -> None:
     p.add_argument("--zero", action="store_true",
                    help="with several processes and AdamW: shard its moments across the ranks "
                         "(ZeRO-1), each keeping 1/N of them; the same updates, the same files")
+    p.add_argument("--gloo-loop", choices=("normal", "idle"), default="normal",
+                   help="with several processes on CPUs: idle puts gloo's event-loop thread under "
+                        "SCHED_IDLE, so that no woken thread waits behind its spin: faster on a "
+                        "machine that runs nothing else, much slower on a loaded one (README, "
+                        "Many processes; default normal)")
     add_exact_train_flag(p)
     p.set_defaults(func=cmd_train)
 

@@ -5,7 +5,8 @@ The mask comes from an explicit generator, so a step is reproducible from its se
 in float32 whatever x's dtype, so the same seed gives the same mask in float32 and float64.
 Inside ``group.over_group`` (data-parallel training) every process draws the mask of the whole
 global batch, world x k rows from the run's generator as one process would, and keeps its own k
-rows: the group then uses one process's masks, and every generator stays in step.
+rows: the group then uses one process's masks, and every generator stays in step. The price:
+every rank draws as many random numbers as one process does for the whole batch.
 
 Dimension letters: any shape; the mask has x's shape.
 """

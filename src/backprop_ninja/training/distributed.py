@@ -22,10 +22,10 @@ sum is divided by C. The loss is weighted the same way and summed once per flush
 steps), with the ranks' stop requests riding along, so that every rank stops at the same step.
 
 Batchnorm across processes: the statistics of the global batch from one all-reduce of every
-rank's count, sum and sum of squares about its own mean, each in its own slot of a zeroed table,
-combined by Chan, Golub and LeVeque's pairwise formula (``nn.normalisation.group_moments``:
-numerically sound, and the same bits on every rank), and in the backward sum(dy) and
-sum(dy * xhat) all-reduced. Every rank's slice has k rows, so the ranks' upstream
+rank's count, centre (its own mean), residual sum about the centre and sum of squares about it,
+each in its own slot of a zeroed table, combined by Chan, Golub and LeVeque's pairwise formula
+(``nn.normalisation.group_moments``: numerically sound, and the same bits on every rank), and in
+the backward sum(dy) and sum(dy * xhat) all-reduced. Every rank's slice has k rows, so the ranks' upstream
 gradients share one scale (1/k where the true one is 1/(N k)) and the formula, linear in dy,
 gives N times each rank's share, which the SUM / N above takes back out exactly.
 
@@ -269,7 +269,8 @@ class GroupStep:
     summed over the group (and with ``--sam`` the second pass's too: the first pass's gradient
     is the group's before SAM measures its norm). With ``zero`` (the run's AdamW config) the
     update rule is ZeRO-1's (``zero``): the gradient reduce-scattered, AdamW's moments sharded,
-    the parameters all-gathered; the inner step's own rule is then a stateless placeholder."""
+    the parameters all-gathered; the inner step's own rule is then a stateless placeholder, and
+    ``grads`` keep this rank's own (unreduced) gradient: the group's is in shards."""
 
     def __init__(self, inner, group: Group, Y: Tensor, batch_size: int,
                  zero: OptimConfig | None = None):
@@ -312,8 +313,7 @@ class GroupStep:
         if self.zero is None:
             self.reduce(grad)
         else:  # this rank's shard of the group's gradient, where its update rule reads it
-            grad = self.zero.shard.grad
-            self.zero.sharding.scatter(self.buffers.grad, grad)
+            grad = self.zero.scatter()
         self.group.reduce_seconds += time.perf_counter() - t0
         grad.mul_(self.scale)
         return loss * self.scale
@@ -321,7 +321,7 @@ class GroupStep:
 
 # ---------------------------------------------------------------- joining and launching
 
-def join(timeout: float, device: str, backend: str | None) -> Group:
+def join(timeout: float, device: str, backend: str | None, gloo_loop: str = "normal") -> Group:
     """Join the group this process was started in (by ``launch`` or torchrun)."""
     if not dist.is_available():
         raise UserError("this PyTorch build has no torch.distributed; train with one process")
@@ -347,7 +347,7 @@ def join(timeout: float, device: str, backend: str | None) -> Group:
         first = (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
         raise UserError(f"rank {rank} could not join the group at {os.environ.get('MASTER_ADDR')}:"
                         f"{os.environ.get('MASTER_PORT')} ({first})") from None
-    if backend == "gloo":
+    if backend == "gloo" and gloo_loop == "idle":
         yield_gloo_loop()
     return Group(rank, world, local_rank, local_world, timeout)
 
@@ -356,18 +356,20 @@ GLOO_LOOP = "gloo_tcp_loop"  # the name gloo gives its TCP transport's event-loo
 
 
 def yield_gloo_loop() -> int:
-    """Put gloo's event-loop thread in this process under SCHED_IDLE; return how many threads
-    changed (0 where there is no such thread, or no Linux scheduler to ask).
+    """Put gloo's event-loop thread in this process under SCHED_IDLE (``--gloo-loop idle``);
+    return how many threads changed (0 where there is no such thread, or no Linux scheduler to
+    ask).
 
     Why: when a rank's data arrives before this rank has posted its receive, the loop thread
     spins on the readable socket (epoll reports it until the receive is posted). On a machine
     with as many busy threads as cores, a thread woken on that core then waits behind the spin
     until the scheduler's next tick, 4 ms: measured on 2 cores, a 2-process all-reduce of 8 KB
     took 0.35 ms at the median and 4.0 ms at the 90th percentile, and the large MLP's step spent
-    a quarter of its time in its collectives. Under SCHED_IDLE any woken thread runs at once
-    and the spin only takes a core that nothing else wants; the loop does its real work while
-    this rank waits in a collective, with its own threads asleep. The 90th percentile fell to
-    0.30 ms (README, "Many processes")."""
+    a quarter of its time in its collectives. Under SCHED_IDLE any woken thread runs at once;
+    the 90th percentile fell to 0.30 ms. The price: the loop runs only on a core that nothing
+    else wants, so on a machine loaded by other jobs each collective waits for one, and the
+    same step ran 3 to 10 times slower (README, "Many processes"). Hence an option, not the
+    default."""
     if not hasattr(os, "sched_setscheduler") or not hasattr(os, "SCHED_IDLE"):
         return 0
     changed = 0

@@ -33,7 +33,7 @@ class FusedStep:
                  deterministic: bool | None):
         check_batch_size(batch_size)
         self.X, self.Y, self.n = X, Y, batch_size
-        self.buffers = FlatParams(params)
+        self.buffers = FlatParams(params, opt.shards)
         self.flat, self.params, self.grads = self.buffers.flat, self.buffers.params, self.buffers.grads
         self.optimizer = make_optimizer(self.buffers, opt)
         self.sam = sharpness_aware(self.buffers, opt)

@@ -242,7 +242,7 @@ def run_loop(state: RunState, opts: Options) -> str:
     opt = tcfg.optim(spec.no_decay)
     zero = group is not None and opts.zero  # then the group's sharded rule replaces the step's,
     stepper = make_step(opts.grad, spec, state.params, X, Y, local_batch,  # which keeps no state
-                        OptimConfig() if zero else opt, dropout, state.teacher)
+                        OptimConfig(shards=group.world) if zero else opt, dropout, state.teacher)
     if group is not None:  # every rank draws the global batch; the step keeps its slice
         stepper = group.wrap_step(stepper, Y, tcfg.batch_size, opt if zero else None)
     if state.optimizer_state:

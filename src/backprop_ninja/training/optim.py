@@ -28,11 +28,23 @@ def views(flat: Tensor, like: Params) -> Params:
 
 class FlatParams:
     """A copy of the parameters in one flat buffer (``flat``, viewed as ``params``) and a
-    same-sized gradient buffer (``grad``, viewed as ``grads``)."""
+    same-sized gradient buffer (``grad``, viewed as ``grads``).
 
-    def __init__(self, params: Params):
-        self.flat = torch.cat([p.detach().reshape(-1) for p in params.values()])
-        self.grad = torch.zeros_like(self.flat)
+    With ``shards`` > 1 (ZeRO-1, ``zero``) both live at the start of zeroed storage of
+    ``shards`` equal parts (``flat_padded``, ``grad_padded``), which collectives of equal
+    parts take whole; otherwise the storage is the buffer itself."""
+
+    def __init__(self, params: Params, shards: int = 1):
+        flat = torch.cat([p.detach().reshape(-1) for p in params.values()])
+        P = flat.numel()
+        if shards > 1:
+            self.flat_padded = flat.new_zeros(-(-P // shards) * shards)
+            self.flat_padded[:P].copy_(flat)
+            self.grad_padded = torch.zeros_like(self.flat_padded)
+            self.flat, self.grad = self.flat_padded[:P], self.grad_padded[:P]
+        else:
+            self.flat = self.flat_padded = flat
+            self.grad = self.grad_padded = torch.zeros_like(flat)
         self.params = views(self.flat, params)
         self.grads = views(self.grad, params)
 
@@ -49,6 +61,7 @@ class OptimConfig:
     ema: float = 0.0  # > 0: also keep an exponential moving average of the parameters (Averaged)
     no_decay: tuple[str, ...] = ()  # parameters weight decay skips, by the last part of the name
     sam: float = 0.0  # > 0: the update takes the gradient rho = sam away (SharpnessAware)
+    shards: int = 1  # > 1: the flat buffers padded to this many equal parts (ZeRO-1's, ``zero``)
 
 
 def decay_mask(buffers: FlatParams, cfg: OptimConfig) -> Tensor | None:

@@ -1,6 +1,7 @@
 """How data-parallel training scales: steps/s and examples/s of the fast step at a model's recipe
 size and a large one, for 1 process x 1 thread, 1 process x 2 threads and 2 processes x 1
-thread (and, for a model trained with AdamW, 2 x 1 with ZeRO-1), with the gradient sync's share
+thread (the last also with gloo's event loop under SCHED_IDLE, ``--gloo-loop idle``, and for a
+model trained with AdamW with ZeRO-1), with the gradient sync's share
 of the step (its all-reduce, or ZeRO-1's reduce-scatter) and the efficiency (N-process
 examples/s over N times one process's).
 
@@ -30,8 +31,10 @@ EXAMPLES = 20_000
 SEQUENCE_BLOCK = 16
 # (batch, config overrides): the recipe's size, and a large one
 LARGE = {"mlp": (4096, {"n_hidden": 1024}), "transformer": (256, {})}
-CONFIGS = ((1, 1, False), (1, 2, False), (2, 1, False))  # (processes, threads each, ZeRO-1)
-ZERO = (2, 1, True)  # for a model trained with AdamW, also its moments sharded (``zero``)
+# (processes, threads each, ZeRO-1, gloo's event loop: ``distributed.join``)
+CONFIGS = ((1, 1, False, "normal"), (1, 2, False, "normal"), (2, 1, False, "normal"),
+           (2, 1, False, "idle"))
+ZERO = (2, 1, True, "normal")  # for a model trained with AdamW, also its moments sharded (``zero``)
 
 
 def sizes(spec) -> list[tuple[int, dict]]:
@@ -42,7 +45,7 @@ def sizes(spec) -> list[tuple[int, dict]]:
 
 def bench_rank(job: dict) -> int:
     """One rank of a timed configuration; rank 0 writes its figures to ``job['out']``."""
-    group = distributed.join(job["timeout"], "cpu", None)
+    group = distributed.join(job["timeout"], "cpu", None, job["gloo_loop"])
     try:
         torch.set_num_threads(job["threads"])
         spec = models.get(job["type"])
@@ -59,7 +62,7 @@ def bench_rank(job: dict) -> int:
         batch = job["batch"]
         opt = OptimConfig(name=spec.recipe.get("optimizer", "sgd"))
         step = make_step("fast", spec, params, X, Y, batch // group.world,
-                         OptimConfig() if job["zero"] else opt)
+                         OptimConfig(shards=group.world) if job["zero"] else opt)
         if group.world > 1:
             step = group.wrap_step(step, Y, batch, opt if job["zero"] else None)
         ix = torch.empty(batch, dtype=torch.long)
@@ -69,9 +72,13 @@ def bench_rank(job: dict) -> int:
                     sync = torch.zeros(1)
                     group.all_reduce(sync)  # every rank starts the clock together
                     group.reduce_seconds, t0 = 0.0, time.perf_counter()
+                    if getattr(step, "zero", None) is not None:
+                        step.zero.sharding.seconds = 0.0
                 torch.randint(0, EXAMPLES, (batch,), generator=g, out=ix)
                 step.step(ix, 0.01)
             elapsed = time.perf_counter() - t0
+        if getattr(step, "zero", None) is not None:  # ZeRO-1's all-gathers are its sync too
+            group.reduce_seconds += step.zero.sharding.seconds
         if group.is_writer:
             Path(job["out"]).write_text(json.dumps({"seconds": elapsed,
                                                     "reduce_seconds": group.reduce_seconds}))
@@ -87,10 +94,10 @@ def scaling(name: str, steps: int, log=print) -> list[dict]:
         configs = CONFIGS + ((ZERO,) if spec.recipe.get("optimizer") == "adamw" else ())
         for batch, overrides in sizes(spec):
             base = None
-            for nproc, threads_each, zero in configs:
-                out = Path(tmp) / f"{batch}-{nproc}-{threads_each}-{zero}.json"
+            for nproc, threads_each, zero, loop in configs:
+                out = Path(tmp) / f"{batch}-{nproc}-{threads_each}-{zero}-{loop}.json"
                 job = {"type": name, "batch": batch, "overrides": overrides, "threads": threads_each,
-                       "zero": zero,
+                       "zero": zero, "gloo_loop": loop,
                        "steps": steps, "warmup": max(5, steps // 10), "out": str(out),
                        "timeout": distributed.DEFAULT_TIMEOUT}
                 distributed.launch(job, bench_rank, nproc, None, distributed.DEFAULT_TIMEOUT)
@@ -99,7 +106,7 @@ def scaling(name: str, steps: int, log=print) -> list[dict]:
                 if (nproc, threads_each) == (1, 1):
                     base = rate
                 row = {"type": name, "batch": batch, "config": overrides, "processes": nproc,
-                       "threads": threads_each, "zero": zero, "steps_per_s": rate,
+                       "threads": threads_each, "zero": zero, "gloo_loop": loop, "steps_per_s": rate,
                        "examples_per_s": rate * batch,
                        "allreduce_share": got["reduce_seconds"] / got["seconds"],
                        "vs_1x1": rate / base, "efficiency": rate / (nproc * base) if nproc > 1 else None}
@@ -107,7 +114,8 @@ def scaling(name: str, steps: int, log=print) -> list[dict]:
                 size = "recipe" if (batch, overrides) == sizes(spec)[0] else \
                     "large" + "".join(f", {k} {v}" for k, v in overrides.items())
                 eff = f"  efficiency {row['efficiency']:.2f}" if row["efficiency"] else ""
-                how = f"{nproc} proc x {threads_each} thread" + (", ZeRO-1" if zero else "")
+                how = f"{nproc} proc x {threads_each} thread" + (", ZeRO-1" if zero else "") \
+                    + (", gloo loop idle" if loop == "idle" else "")
                 log(f"{name} batch {batch:>5} ({size}): {how}  "
                     f"{rate:8.1f} steps/s  {rate * batch:10,.0f} examples/s  all-reduce "
                     f"{100 * row['allreduce_share']:4.1f}% of the step  {row['vs_1x1']:.2f}x 1x1{eff}")

@@ -37,7 +37,7 @@ class EagerStep:
                  opt: OptimConfig = OptimConfig(), dropout: Dropout | None = None,
                  teacher: Teacher | None = None):
         self.spec, self.X, self.Y, self.dropout, self.teacher = spec, X, Y, dropout, teacher
-        self.buffers = FlatParams(params)
+        self.buffers = FlatParams(params, opt.shards)
         self.params, self.grads = self.buffers.params, self.buffers.grads
         self.optimizer = make_optimizer(self.buffers, opt)
         self.sam = sharpness_aware(self.buffers, opt)

@@ -11,8 +11,9 @@ padded with zeros); rank r owns shard r. A step:
 - all-gather the W updated shards into every rank's full parameters.
 
 Each entry's arithmetic is ``optim.AdamW.update``'s own, on the shard. With two ranks a sum of
-two numbers is the same in either order, so the run takes the replicated group's updates bit
-for bit (tested); with more ranks, up to the order of the gradient's sums.
+two numbers is the same in either order, so without ``--sam`` the run takes the replicated
+group's updates bit for bit (tested); with more ranks, or with ``--sam`` (whose norm is summed
+from the shards'), up to the order of float sums.
 
 ``--sam`` needs the whole gradient's norm: each rank's squared shard norm, all-reduced; each
 rank moves its shard uphill and the group all-gathers p + e for the second pass, whose gradient
@@ -26,6 +27,8 @@ another N, or the other way round.
 
 from __future__ import annotations
 
+import time
+
 import torch
 from torch import Tensor
 
@@ -33,38 +36,40 @@ from .optim import AdamW, FlatParams, OptimConfig, decay_mask
 
 
 class Sharding:
-    """Shard ``rank`` of a flat buffer of ``P`` entries cut into ``world`` shards of ``S``.
+    """Rank ``rank``'s shard of flat buffers of ``P`` entries cut into ``world`` shards of
+    ``S`` = ceil(P / world) (``FlatParams(..., shards=world)`` pads their storage to world * S).
     ``group`` provides ``reduce_scatter(out, t)`` and ``all_gather_into(out, t)``."""
 
-    def __init__(self, P: int, group, like: Tensor):
+    def __init__(self, P: int, group):
         self.group, self.P, self.world = group, P, group.world
         self.S = -(-P // group.world)
         self.lo = group.rank * self.S
-        self.padded = like.new_zeros(self.world * self.S)  # a whole buffer, padded: the scratch
+        self.seconds = 0.0  # spent in the gathers (the scaling benchmark's sync share)
 
     def mine(self, full: Tensor) -> Tensor:
-        """A copy of this rank's shard of ``full`` (P entries), zero-padded."""
+        """A copy of this rank's shard of ``full`` (P entries or more), zero-padded."""
         out = full.new_zeros(self.S)
-        hi = min(self.lo + self.S, self.P)
+        hi = min(self.lo + self.S, full.numel())
         if hi > self.lo:
             out[:hi - self.lo].copy_(full[self.lo:hi])
         return out
 
-    def scatter(self, full: Tensor, out: Tensor) -> None:
-        """The group's sum of ``full``, this rank's shard of it into ``out``."""
-        self.padded[:self.P].copy_(full)
-        self.padded[self.P:].zero_()
-        self.group.reduce_scatter(out, self.padded)
+    def scatter(self, padded: Tensor, out: Tensor) -> None:
+        """The group's sum of ``padded`` (world * S entries), this rank's shard into ``out``."""
+        self.group.reduce_scatter(out, padded)
 
-    def gather(self, shard: Tensor, full: Tensor) -> None:
-        """Every rank's ``shard``, side by side, into ``full``."""
-        self.group.all_gather_into(self.padded, shard)
-        full.copy_(self.padded[:self.P])
+    def gather(self, padded: Tensor) -> None:
+        """Every rank's shard of ``padded`` (world * S entries), from each rank's own part of
+        it, into the whole of it: in place (NCCL allows it; gloo copies each part first)."""
+        t0 = time.perf_counter()
+        self.group.all_gather_into(padded, padded[self.lo:self.lo + self.S])
+        self.seconds += time.perf_counter() - t0
 
     def gathered(self, shard: Tensor) -> Tensor:
-        full = shard.new_empty(self.P)
-        self.gather(shard, full)
-        return full
+        """Every rank's ``shard`` side by side, the padding cut off: a new tensor of P."""
+        full = shard.new_empty(self.world * self.S)
+        self.group.all_gather_into(full, shard)
+        return full[:self.P]
 
 
 class ShardBuffers:
@@ -77,22 +82,32 @@ class ShardBuffers:
 
 class ZeroAdamW:
     """AdamW whose moments are sharded over the group. ``shard.grad`` is where the step's
-    reduce-scatter puts this rank's part of the gradient; ``step`` updates the shard and
-    gathers the whole parameters into ``buffers.flat``."""
+    reduce-scatter puts this rank's part of the gradient; ``step`` updates this rank's part of
+    the parameters, in place in their padded storage, and gathers the others' parts around it.
+
+    Memory per rank: m, v and AdamW's scratch for its denominator (3S) and the gradient's shard
+    (S), where the replicated rule holds 3P: 2P against 3P with 2 ranks, P/2 with 8."""
 
     def __init__(self, buffers: FlatParams, cfg: OptimConfig, group):
         assert cfg.name == "adamw", cfg.name
         self.buffers, self.cfg = buffers, cfg
-        self.sharding = Sharding(buffers.flat.numel(), group, buffers.flat)
-        self.shard = ShardBuffers(self.sharding.mine(buffers.flat),
-                                  buffers.flat.new_zeros(self.sharding.S))
+        self.sharding = sharding = Sharding(buffers.flat.numel(), group)
+        assert buffers.flat_padded.numel() == sharding.world * sharding.S, \
+            "the flat buffers must be padded to the group's shards (OptimConfig.shards)"
+        self.shard = ShardBuffers(buffers.flat_padded[sharding.lo:sharding.lo + sharding.S],
+                                  buffers.flat.new_zeros(sharding.S))
         self.rule = AdamW(self.shard, cfg)
         full_mask = decay_mask(buffers, cfg)
-        self.rule.decay = None if full_mask is None else self.sharding.mine(full_mask)
+        self.rule.decay = None if full_mask is None else sharding.mine(full_mask)
+
+    def scatter(self) -> Tensor:
+        """The group's sum of the gradient buffers, this rank's shard of it (``shard.grad``)."""
+        self.sharding.scatter(self.buffers.grad_padded, self.shard.grad)
+        return self.shard.grad
 
     def step(self, lr: float) -> None:
         self.rule.step(lr)
-        self.sharding.gather(self.shard.flat, self.buffers.flat)
+        self.sharding.gather(self.buffers.flat_padded)
 
     def state(self) -> dict[str, Tensor]:
         """The whole moments, gathered: a collective, so every rank calls it."""
@@ -104,18 +119,16 @@ class ZeroAdamW:
         self.rule.m.copy_(self.sharding.mine(state["adamw_m"]))
         self.rule.v.copy_(self.sharding.mine(state["adamw_v"]))
         self.rule.t = int(state["adamw_t"])
-        self.shard.flat.copy_(self.sharding.mine(self.buffers.flat))
 
 
 class ZeroSharpnessAware:
     """``optim.SharpnessAware`` over shards: e = rho g / |g| on this rank's shard, |g| from the
-    group's squared shard norms; the second pass at the gathered p + e."""
+    group's squared shard norms; the second pass at the gathered p + e; p back from a copy."""
 
     def __init__(self, zero: ZeroAdamW, rho: float, all_reduce):
         self.zero, self.rho, self.all_reduce = zero, rho, all_reduce
         self.saved = torch.empty_like(zero.buffers.flat)
         self.e = torch.empty_like(zero.shard.grad)
-        self.moved = torch.empty_like(zero.shard.grad)
         self.first = None  # --check-grads runs in one process only
 
     def __call__(self, gradients, ix: Tensor) -> None:
@@ -124,7 +137,7 @@ class ZeroSharpnessAware:
         norm2 = torch.dot(g, g).reshape(1)
         self.all_reduce(norm2)
         torch.mul(g, self.rho / (norm2.sqrt() + 1e-12), out=self.e)
-        torch.add(z.shard.flat, self.e, out=self.moved)
-        z.sharding.gather(self.moved, z.buffers.flat)
+        z.shard.flat.add_(self.e)
+        z.sharding.gather(z.buffers.flat_padded)
         gradients(ix)
         z.buffers.flat.copy_(self.saved)
