@@ -25,9 +25,9 @@ Batchnorm across processes: the statistics of the global batch from one all-redu
 rank's count, centre (its own mean), residual sum about the centre and sum of squares about it,
 each in its own slot of a zeroed table, combined by Chan, Golub and LeVeque's pairwise formula
 (``nn.normalisation.group_moments``: numerically sound, and the same bits on every rank), and in
-the backward sum(dy) and sum(dy * xhat) all-reduced. Every rank's slice has k rows, so the ranks' upstream
-gradients share one scale (1/k where the true one is 1/(N k)) and the formula, linear in dy,
-gives N times each rank's share, which the SUM / N above takes back out exactly.
+the backward sum(dy) and sum(dy * xhat) all-reduced. Every rank's slice has k rows, so the
+ranks' upstream gradients share one scale (1/k where the true one is 1/(N k)) and the formula,
+linear in dy, gives N times each rank's share, which the SUM / N above takes back out exactly.
 
 Evaluation and calibration are sharded: each rank takes a contiguous part of the split and one
 all-reduce adds up the sums (per batchnorm layer for the calibration).
@@ -127,33 +127,28 @@ class Group:
                           f"or none answered within --timeout {self.timeout:g} s; the last "
                           "checkpoint is kept: continue with --resume")
 
-    def all_reduce(self, t: Tensor) -> None:
-        """Sum ``t`` in place over the group."""
+    def collective(self, fn, *args) -> None:
+        """``fn(*args)``, one of torch.distributed's collectives, its failure one line."""
         try:
-            dist.all_reduce(t)
+            fn(*args)
         except (RuntimeError, ValueError) as e:
             raise self._failed(e) from None
+
+    def all_reduce(self, t: Tensor) -> None:
+        """Sum ``t`` in place over the group."""
+        self.collective(dist.all_reduce, t)
 
     def reduce_scatter(self, out: Tensor, t: Tensor) -> None:
         """The group's sum of ``t`` (world equal parts), this rank's part into ``out``."""
-        try:
-            REDUCE_SCATTER(out, t)
-        except (RuntimeError, ValueError) as e:
-            raise self._failed(e) from None
+        self.collective(REDUCE_SCATTER, out, t)
 
     def all_gather_into(self, out: Tensor, t: Tensor) -> None:
         """Every rank's ``t``, in rank order, into ``out`` (world times its size)."""
-        try:
-            ALL_GATHER(out, t)
-        except (RuntimeError, ValueError) as e:
-            raise self._failed(e) from None
+        self.collective(ALL_GATHER, out, t)
 
     def all_gather(self, t: Tensor) -> list[Tensor]:
         out = [torch.empty_like(t) for _ in range(self.world)]
-        try:
-            dist.all_gather(out, t)
-        except (RuntimeError, ValueError) as e:
-            raise self._failed(e) from None
+        self.collective(dist.all_gather, out, t)
         return out
 
     def log(self, message: str) -> None:
@@ -280,7 +275,8 @@ class GroupStep:
         if zero is not None:
             self.zero = ZeroAdamW(inner.buffers, zero, group)
             self.optimizer = Averaged(self.zero, zero.ema) if zero.ema else self.zero
-            self.sam = ZeroSharpnessAware(self.zero, zero.sam, group.all_reduce) if zero.sam else None
+            self.sam = (ZeroSharpnessAware(self.zero, zero.sam, group.all_reduce) if zero.sam
+                        else None)
         self.params, self.grads, self.buffers = inner.params, inner.grads, inner.buffers
         self.gradfn = getattr(inner, "forward_backward", None) or inner.gradients
         self.k = batch_size // group.world
@@ -289,17 +285,16 @@ class GroupStep:
         self.weighted = Y.ndim > 1  # a sequence model: padded targets make the counts differ
         self.scale = 1.0 / group.world
         self.weight: Tensor | None = None
-        self.reduce = group.all_reduce
-        self.bn_group = GroupSum(group.all_reduce, group.rank, group.world)
+        self.place = GroupSum(group.all_reduce, group.rank, group.world)  # batchnorm's, dropout's
         if hasattr(inner, "over_group"):
-            inner.over_group(self.bn_group)
+            inner.over_group(self.place)
 
     def step(self, ix: Tensor, lr: float) -> Tensor:
         if self.weighted:
             counts = (self.Y[ix] != IGNORE_INDEX).view(self.group.world, -1).sum(1)
             self.weight = counts[self.group.rank].to(self.buffers.grad.dtype)
             self.scale = 1.0 / float(counts.sum())
-        with over_group(self.bn_group):
+        with over_group(self.place):
             return descend(self.gradients, ix[self.lo:self.lo + self.k], lr, self.optimizer,
                            self.sam)
 
@@ -311,7 +306,7 @@ class GroupStep:
             loss = loss * self.weight
         t0 = time.perf_counter()
         if self.zero is None:
-            self.reduce(grad)
+            self.group.all_reduce(grad)
         else:  # this rank's shard of the group's gradient, where its update rule reads it
             grad = self.zero.scatter()
         self.group.reduce_seconds += time.perf_counter() - t0

@@ -17,7 +17,8 @@ import torch
 from torch import Tensor
 
 from ..models.base import Params
-from ..nn.normalisation import BN_EPS, GroupSum, check_batch_size, group_moments
+from ..nn.group import GroupSum
+from ..nn.normalisation import BN_EPS, check_batch_size, group_moments
 from .optim import FlatParams, OptimConfig, descend, make_optimizer, sharpness_aware
 
 
@@ -52,15 +53,14 @@ class FusedStep:
         self.inv_n = torch.tensor(1.0 / n, dtype=self.dtype, device=self.device)
         self.minus_one = torch.full((n, 1), -1.0, dtype=self.dtype, device=self.device)
         self.minus_inv_n = torch.full((n,), -1.0 / n, dtype=self.dtype, device=self.device)
-        # across processes (``over_group``): the group batchnorm's statistics span, and its
-        # all-reduce, which batchnorm's sums go through
+        # across processes (``over_group``): the group batchnorm's statistics span; its
+        # ``reduce`` sums batchnorm's sums over the processes
         self.group: GroupSum | None = None
-        self.reduce = None
 
     def over_group(self, group: GroupSum) -> None:
         """Batchnorm over the group's global batch of ``group.world`` slices like this one. A
         step without batchnorm needs nothing."""
-        self.group, self.reduce = group, group.reduce
+        self.group = group
 
     def normalise_over_group(self, pre: Tensor, xhat: Tensor, tmp: Tensor, slots: Tensor,
                              var_inv: Tensor) -> None:

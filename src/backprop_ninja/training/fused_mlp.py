@@ -72,10 +72,10 @@ class FastStep(FusedStep):
         torch.sum(dy, 0, keepdim=True, out=g["bnbias"])
         torch.sum(torch.mul(dy, xhat, out=tmp), 0, keepdim=True, out=g["bngain"])
         dbias, dgain = g["bnbias"], g["bngain"]
-        if self.reduce is not None:  # the group's sums for dx; the gradients keep this slice's
+        if self.group is not None:  # the group's sums for dx; the gradients keep this slice's
             self.bn_sums[0:1].copy_(dbias)
             self.bn_sums[1:2].copy_(dgain)
-            self.reduce(self.bn_sums)
+            self.group.reduce(self.bn_sums)
             dbias, dgain = self.bn_sums[0:1], self.bn_sums[1:2]
         torch.add(dy, dbias, alpha=-1.0 / n, out=self.dhprebn)
         torch.addcmul(self.dhprebn, xhat, dgain, value=-1.0 / (n - 1), out=tmp)

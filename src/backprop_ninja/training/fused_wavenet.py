@@ -123,10 +123,10 @@ class FastStep(FusedStep):
         torch.sum(L.dy, 0, keepdim=True, out=L.dbias)
         torch.sum(torch.mul(L.dy, L.xhat, out=L.tmp), 0, keepdim=True, out=L.dgain)
         dbias, dgain = L.dbias, L.dgain
-        if self.reduce is not None:  # the group's sums for dpre; the gradients keep this slice's
+        if self.group is not None:  # the group's sums for dpre; the gradients keep this slice's
             L.sums[0:1].copy_(dbias)
             L.sums[1:2].copy_(dgain)
-            self.reduce(L.sums)
+            self.group.reduce(L.sums)
             dbias, dgain = L.sums[0:1], L.sums[1:2]
         torch.add(L.dy, dbias, alpha=-1.0 / L.m, out=L.dpre)
         torch.addcmul(L.dpre, L.xhat, dgain, value=-1.0 / (L.m - 1), out=L.tmp)
